@@ -1,0 +1,198 @@
+"""Real-ComfyUI test harness: finds ComfyUI, imports it on the CPU, builds tiny real U-Nets.
+
+ComfyUI is looked up in ``COMFYUI_PATH``, then ``/opt/ComfyUI``, then the parent of the
+``custom_nodes/`` folder this pack sits in. Tests that need it skip with the reason from
+``comfyui_unavailable_reason()``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from functools import cache
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parents[1]
+SHIM_DIR = Path(__file__).resolve().parent / "comfy_shims"
+PACK_MODULE = "comfyui_reuse"
+
+
+def _candidates() -> list[Path]:
+    found = []
+    if os.environ.get("COMFYUI_PATH"):
+        found.append(Path(os.environ["COMFYUI_PATH"]))
+    found.append(Path("/opt/ComfyUI"))
+    if PACK_DIR.parent.name == "custom_nodes":
+        found.append(PACK_DIR.parent.parent)
+    return found
+
+
+def find_comfyui() -> Path | None:
+    for path in _candidates():
+        if (path / "comfy" / "model_patcher.py").is_file() and (path / "comfy_api").is_dir():
+            return path.resolve()
+    return None
+
+
+def comfyui_unavailable_reason() -> str | None:
+    if find_comfyui() is None:
+        looked = ", ".join(str(p) for p in _candidates())
+        return f"real ComfyUI not found (looked in: {looked}); set COMFYUI_PATH to a ComfyUI >= 0.3.64 checkout"
+    try:
+        import_comfy()
+    except Exception as exc:  # surfaced as the skip reason, never swallowed silently
+        return f"ComfyUI found at {find_comfyui()} but failed to import: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _torchvision_importable() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        sys.modules.pop("torchvision", None)
+        return False
+    return True
+
+
+@cache
+def import_comfy():
+    """Import ComfyUI in CPU mode; returns the ``comfy`` package."""
+    root = find_comfyui()
+    if root is None:
+        raise RuntimeError("ComfyUI not found")
+    if not _torchvision_importable():
+        sys.path.insert(0, str(SHIM_DIR))
+    sys.path.insert(0, str(root))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401  (after the CPU flag)
+    import comfy.model_patcher  # noqa: F401
+    import comfy.sample  # noqa: F401
+    import comfy.samplers  # noqa: F401
+
+    return comfy
+
+
+@cache
+def load_pack():
+    """Import this repository as the custom-node package ComfyUI would load (``comfyui_reuse``)."""
+    import_comfy()
+    spec = importlib.util.spec_from_file_location(
+        PACK_MODULE, PACK_DIR / "__init__.py", submodule_search_locations=[str(PACK_DIR)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def pack_node(name: str):
+    """A node class from the pack, e.g. ``pack_node("AttentionMapReuse")``."""
+    import asyncio
+
+    extension = asyncio.run(load_pack().comfy_entrypoint())
+    for node in asyncio.run(extension.get_node_list()):
+        if node.define_schema().node_id == name:
+            return node
+    raise KeyError(name)
+
+
+def _init_weights(model, seed: int, std: float = 0.02):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name and name.endswith("weight"):
+            param.data.fill_(1.0)
+        elif "norm" in name or name.endswith("bias"):
+            param.data.zero_()
+        else:
+            param.data.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+TINY_SD15_CONFIG = dict(
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    num_res_blocks=[1, 1],
+    channel_mult=[1, 2],
+    transformer_depth=[1, 1],
+    transformer_depth_output=[1, 1, 1, 1],
+    transformer_depth_middle=1,
+    context_dim=64,
+    use_linear_in_transformer=False,
+    adm_in_channels=None,
+    use_temporal_resblock=False,
+    use_temporal_attention=False,
+    num_heads=2,
+    num_head_channels=-1,
+    use_spatial_transformer=True,
+    legacy=False,
+)
+
+TINY_SDXL_CONFIG = dict(
+    TINY_SD15_CONFIG,
+    context_dim=64,
+    adm_in_channels=2816,
+    num_classes="sequential",
+    use_linear_in_transformer=True,
+    transformer_depth=[0, 1],
+    transformer_depth_output=[0, 0, 1, 1],
+)
+
+
+def tiny_model(kind: str = "sd15", seed: int = 0):
+    """A real ComfyUI ``BaseModel``/``SDXL`` around ComfyUI's own ``UNetModel``, in a ``ModelPatcher``."""
+    import torch
+
+    comfy = import_comfy()
+    import comfy.model_base
+    import comfy.supported_models
+
+    if kind == "sd15":
+        config = comfy.supported_models.SD15(dict(TINY_SD15_CONFIG))
+        config.set_inference_dtype(torch.float32, None)
+        model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
+    elif kind == "sdxl":
+        config = comfy.supported_models.SDXL(dict(TINY_SDXL_CONFIG))
+        config.set_inference_dtype(torch.float32, None)
+        model = comfy.model_base.SDXL(config, device=torch.device("cpu"))
+    else:
+        raise ValueError(kind)
+    _init_weights(model, seed)
+    device = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def conditioning(kind: str = "sd15", seed: int = 1, batch: int = 1, tokens: int = 7):
+    """(positive, negative) CONDITIONING lists for the tiny models."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    dim = TINY_SD15_CONFIG["context_dim"]
+    extra_pos, extra_neg = {}, {}
+    if kind == "sdxl":
+        for extra in (extra_pos, extra_neg):
+            extra.update(pooled_output=torch.randn(batch, 1280, generator=gen), width=128, height=128,
+                         crop_w=0, crop_h=0, target_width=128, target_height=128)
+    positive = [[torch.randn(batch, tokens, dim, generator=gen), extra_pos]]
+    negative = [[torch.randn(batch, tokens, dim, generator=gen) * 0.1, extra_neg]]
+    return positive, negative
+
+
+def sample(patcher, *, steps=6, cfg=5.0, sampler="euler", scheduler="normal", seed=0, batch=1, size=16,
+           kind="sd15", denoise=1.0, positive=None, negative=None, latent=None, **kwargs):
+    """Run ``comfy.sample.sample`` on the tiny model; returns the final latent."""
+    import torch
+
+    comfy = import_comfy()
+    if latent is None:
+        latent = torch.zeros(batch, 4, size, size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    if positive is None or negative is None:
+        positive, negative = conditioning(kind, batch=1)
+    return comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                               denoise=denoise, seed=seed, disable_pbar=True, **kwargs)

@@ -1,0 +1,10 @@
+"""Import-only stand-in; see ``torchvision/__init__.py``."""
+
+from torchvision import _Unavailable
+
+functional = _Unavailable("transforms.functional")
+InterpolationMode = _Unavailable("transforms.InterpolationMode")
+
+
+def __getattr__(attr):
+    return _Unavailable(f"transforms.{attr}")
