@@ -9,7 +9,3 @@ class ReuseExtension(ComfyExtension):
         from .encoder_propagation import EncoderFeaturePropagation
 
         return [AttentionMapReuse, EncoderFeaturePropagation]
-
-
-async def comfy_entrypoint() -> ReuseExtension:
-    return ReuseExtension()
