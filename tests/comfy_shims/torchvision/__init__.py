@@ -12,11 +12,19 @@ class _Unavailable:
     def __init__(self, name):
         self._name = name
 
-    def __getattr__(self, attr):
+    def _fail(self, what):
         raise RuntimeError(
-            f"torchvision.{self._name}.{attr} is not available: the comfyui-reuse test harness "
+            f"torchvision.{what} is not available: the comfyui-reuse test harness "
             "replaced torchvision with an import-only stand-in (see tests/comfy_shims)."
         )
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):  # keep hasattr/copy/inspect probes working
+            raise AttributeError(attr)
+        self._fail(f"{self._name}.{attr}")
+
+    def __call__(self, *args, **kwargs):
+        self._fail(self._name)
 
 
 def __getattr__(attr):

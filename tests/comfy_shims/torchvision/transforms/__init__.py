@@ -2,7 +2,6 @@
 
 from torchvision import _Unavailable
 
-functional = _Unavailable("transforms.functional")
 InterpolationMode = _Unavailable("transforms.InterpolationMode")
 
 

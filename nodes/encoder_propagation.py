@@ -1,0 +1,295 @@
+"""V3 node ``EncoderFeaturePropagation`` (Faster Diffusion encoder propagation, TiUE one-pass preset).
+
+Data flow: node inputs -> ``EncoderPropagationConfig`` (validated at node execution) -> per-run
+``EncoderPropagationRun`` made in the ``OUTER_SAMPLE`` wrapper (plan from the run's ``sample_sigmas``, engine,
+optional noise-injecting sampler) and dropped in ``finally`` -> one engine call per ``DIFFUSION_MODEL`` call
+-> one log line per run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+from comfy_api.latest import io
+
+from ..reuse_core.encoder_propagation import EncoderPropagationConfig, EncoderPropagationEngine
+from ..reuse_core.key_steps import PRESETS, KeyStepSpec, reuse_window
+from ..reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjection, sample_euler_prior_noise
+from .comfy_steps import step_of_call
+from .unet_decoder import ComfyUNetHost, bind_unet_call, has_output_control, unsupported_reason
+
+WRAPPER_KEY = "comfyui_reuse.encoder_propagation"
+RUN_STATE_KEY = "comfyui_reuse.encoder_propagation.run"
+LOG_NAME = "Encoder Feature Propagation"
+
+
+class EncoderPropagationRun:
+    """State of one sampler run: the engine (feature cache, stored predictions, stats) and its timing."""
+
+    def __init__(self, config: EncoderPropagationConfig, sample_sigmas, model_sampling):
+        steps = len(sample_sigmas) - 1
+        step_sigmas = sample_sigmas[:-1]
+        window = reuse_window(
+            [float(s) for s in step_sigmas],
+            model_sampling.percent_to_sigma(config.start_percent),
+            model_sampling.percent_to_sigma(config.end_percent),
+        )
+        self.config = config
+        self.plan = config.plan(steps, window)
+        step_timesteps = model_sampling.timestep(step_sigmas).float().tolist()
+        self.engine = EncoderPropagationEngine(self.plan, step_timesteps, config.parallel_decoding)
+        self.started = time.perf_counter()
+
+    def log_line(self) -> str:
+        wall = time.perf_counter() - self.started
+        spec = self.config.key_steps
+        preset = f"uniform k={spec.k}" if spec.preset == "uniform" else spec.preset
+        mode = f"parallel, max {self.config.max_decoders_per_batch}" if self.config.parallel_decoding else "sequential"
+        injection = self.config.injection
+        noise = f", noise injection alpha={injection.alpha} tau={injection.tau}" if injection.enabled else ""
+        return (
+            f"{LOG_NAME}: {preset}, {self.plan.steps} steps, {mode}{noise}: {self.engine.stats.summary()}, "
+            f"wall {wall:.2f} s"
+        )
+
+    def reset(self) -> None:
+        self.engine.reset()
+
+
+def cond_key(transformer_options: dict, x):
+    """Which cond batch a call is: its cond uuids in batch order, plus the latent's shape, dtype and device."""
+    uuids = tuple(transformer_options.get("uuids") or ())
+    return uuids, tuple(x.shape), x.dtype, x.device
+
+
+def injecting_sampler(sampler, injection: PriorNoiseInjection, model_sampling):
+    """The run's sampler with prior noise injection, or a ``ValueError`` where it cannot be exact."""
+    import comfy.k_diffusion.sampling as k_sampling
+    import comfy.model_sampling
+    import comfy.samplers
+
+    function = getattr(sampler, "sampler_function", None)
+    options = getattr(sampler, "extra_options", None) or {}
+    if (
+        not isinstance(sampler, comfy.samplers.KSAMPLER)
+        or function is not k_sampling.sample_euler
+        or float(options.get("s_churn", 0.0)) > 0
+    ):
+        name = getattr(function, "__name__", type(sampler).__name__)
+        raise ValueError(
+            f"{LOG_NAME}: noise_alpha > 0 (prior noise injection) is exact only for the euler and ddim samplers; "
+            f"this run uses {name}. Set noise_alpha to 0, or sample with euler or ddim."
+        )
+    discrete = isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and not isinstance(
+        model_sampling, comfy.model_sampling.ModelSamplingDiscreteEDM
+    )
+    if (
+        not discrete
+        or not isinstance(model_sampling, comfy.model_sampling.EPS)
+        or float(model_sampling.sigma_data) != 1.0
+    ):
+        raise ValueError(
+            f"{LOG_NAME}: noise_alpha > 0 (prior noise injection) needs a discrete 0..1000-timestep eps or "
+            f"v-prediction model (SD1.x/SD2.x/SDXL); this model samples with {type(model_sampling).__name__}. "
+            "Set noise_alpha to 0."
+        )
+
+    def timestep_of(sigma) -> float:
+        return float(model_sampling.timestep(sigma.reshape(1)).item())
+
+    function = functools.partial(sample_euler_prior_noise, injection=injection, timestep_of=timestep_of)
+    return comfy.samplers.KSAMPLER(function, {}, getattr(sampler, "inpaint_options", {}))
+
+
+def make_outer_sample_wrapper(config: EncoderPropagationConfig):
+    def outer_sample_wrapper(executor, *args, **kwargs):
+        import comfy.model_patcher
+
+        guider = executor.class_obj
+        patcher = guider.model_patcher
+        reason = unsupported_reason(patcher.get_model_object("diffusion_model"))
+        if reason:
+            raise TypeError(reason)
+        args = list(args)
+        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        model_sampling = patcher.get_model_object("model_sampling")
+        if config.injection.enabled:
+            if len(args) > 2:
+                args[2] = injecting_sampler(args[2], config.injection, model_sampling)
+            else:
+                kwargs["sampler"] = injecting_sampler(kwargs["sampler"], config.injection, model_sampling)
+        if len(sigmas) < 2:
+            return executor(*args, **kwargs)
+        run = EncoderPropagationRun(config, sigmas, model_sampling)
+        original_options = guider.model_options
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+        guider.model_options.setdefault("transformer_options", {})[RUN_STATE_KEY] = run
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            logging.info(run.log_line())
+            run.reset()
+            guider.model_options = original_options
+
+    return outer_sample_wrapper
+
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    named, extras = bind_unet_call(args, kwargs)
+    options = named["transformer_options"]
+    run: EncoderPropagationRun | None = options.get(RUN_STATE_KEY)
+    if run is None:  # not inside a sampler run of this model
+        return executor(*args, **kwargs)
+    net = executor.class_obj
+    reason = unsupported_reason(net)
+    if reason:
+        raise TypeError(reason)
+    x, control = named["x"], named["control"]
+    host = ComfyUNetHost(executor, net, control, options, extras)
+    return run.engine.predict(
+        host,
+        x,
+        named["timesteps"],
+        named["context"],
+        step=step_of_call(options),
+        cache_key=cond_key(options, x),
+        # ControlNet output residuals exist per step: a future step's decoder cannot receive them.
+        batchable=not has_output_control(control),
+        y=named["y"],
+        **extras,
+    )
+
+
+def apply_encoder_propagation(model, config: EncoderPropagationConfig):
+    """A clone of ``model`` (a ``ModelPatcher``) with encoder propagation; re-applying replaces the settings."""
+    import comfy.patcher_extension
+
+    reason = unsupported_reason(model.get_model_object("diffusion_model"))
+    if reason:
+        raise ValueError(reason)
+    patched = model.clone()
+    wrappers = comfy.patcher_extension.WrappersMP
+    for wrapper_type in (wrappers.OUTER_SAMPLE, wrappers.DIFFUSION_MODEL):
+        patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, make_outer_sample_wrapper(config))
+    patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
+    return patched
+
+
+class EncoderFeaturePropagation(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EncoderFeaturePropagation",
+            display_name="Encoder Feature Propagation",
+            category="model_patches/reuse",
+            description=(
+                "Faster Diffusion (Li et al., NeurIPS 2024): run the U-Net encoder only at key steps and reuse its "
+                "features in the decoder at the other steps, optionally decoding several steps in one batch. "
+                "SD1.x / SD2.x / SDXL U-Nets."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The U-Net model (SD1.x, SD2.x, SDXL) to speed up."),
+                io.Combo.Input(
+                    "key_steps",
+                    options=list(PRESETS),
+                    default="paper",
+                    tooltip=(
+                        "Steps that run the whole U-Net. paper: the paper's 50-step set {0,1,2,3,5,10,15,25,35} "
+                        "scaled to the run's step count (steps 0-3 always kept). uniform: every k-th step. "
+                        "one_pass: only step 0 (TiUE; for distilled loop-free models, degrades ordinary ones). "
+                        "custom: the list below."
+                    ),
+                ),
+                io.Int.Input(
+                    "uniform_k",
+                    default=4,
+                    min=1,
+                    max=100,
+                    tooltip="For key_steps=uniform: a key step every k steps (paper: 4 for community "
+                    "checkpoints; 1 = every step, no reuse).",
+                ),
+                io.String.Input(
+                    "custom_key_steps",
+                    default="0,1,2,3,5,10,15,25,35",
+                    tooltip="For key_steps=custom: 0-based step indices, comma separated. Step 0 is always a "
+                    "key step; indices beyond the run's steps are ignored.",
+                ),
+                io.Boolean.Input(
+                    "parallel_decoding",
+                    default=True,
+                    tooltip="Decode the non-key steps that follow a key step in one batch (same result, fewer "
+                    "and larger decoder calls). Off: decode each step when the sampler reaches it.",
+                ),
+                io.Int.Input(
+                    "max_decoders_per_batch",
+                    default=4,
+                    min=1,
+                    max=64,
+                    tooltip="Memory cap for parallel decoding: at most this many steps per decoder batch "
+                    "(each step adds one copy of the decoder activations for the whole cond batch).",
+                ),
+                io.Float.Input(
+                    "noise_alpha",
+                    default=0.0,
+                    min=0.0,
+                    max=0.1,
+                    step=0.0005,
+                    tooltip=f"Prior noise injection: latent += alpha * initial noise at steps with timestep < tau "
+                    f"(paper: {PAPER_ALPHA}). 0 = off. Exact only with the euler and ddim samplers; "
+                    "other samplers stop with an error.",
+                ),
+                io.Float.Input(
+                    "noise_tau",
+                    default=PAPER_TAU,
+                    min=0.0,
+                    max=1000.0,
+                    step=1.0,
+                    tooltip="Prior noise injection applies once the timestep (0..1000) falls below this "
+                    f"(paper: {PAPER_TAU:g}).",
+                ),
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Reuse starts at this point of the denoising process; earlier steps run the whole U-Net.",
+                ),
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Reuse ends at this point of the denoising process; later steps run the whole U-Net.",
+                ),
+            ],
+            outputs=[io.Model.Output(tooltip="A copy of the model with encoder feature propagation.")],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        key_steps: str,
+        uniform_k: int,
+        custom_key_steps: str,
+        parallel_decoding: bool,
+        max_decoders_per_batch: int,
+        noise_alpha: float,
+        noise_tau: float,
+        start_percent: float,
+        end_percent: float,
+    ) -> io.NodeOutput:
+        config = EncoderPropagationConfig(
+            key_steps=KeyStepSpec.from_inputs(key_steps, uniform_k, custom_key_steps),
+            parallel_decoding=bool(parallel_decoding),
+            max_decoders_per_batch=max_decoders_per_batch,
+            start_percent=start_percent,
+            end_percent=end_percent,
+            injection=PriorNoiseInjection(noise_alpha, noise_tau),
+        )
+        return io.NodeOutput(apply_encoder_propagation(model, config))

@@ -1,0 +1,274 @@
+"""Encoder feature propagation engine (Faster Diffusion, Li et al. NeurIPS 2024; TiUE as its one-key limit).
+
+The U-Net *encoder* is the input blocks plus the middle block; the *decoder* is the output blocks plus the
+output head. At a full (key) step the whole U-Net runs and the encoder features are cached: every skip
+tensor, in the order the input blocks produce them, and the middle-block output. At a decoder-only step the
+encoder is skipped and the decoder runs on the cached features with the current step's timestep and
+context. Such a decoder never reads the current latent, so the decoders of several future steps can run as
+one batch (parallel decoding); their predictions are stored and handed out when the sampler reaches those
+steps. The host (not this engine) still turns a prediction into a denoised latent using the current latent.
+
+This module is host-agnostic: it never imports ComfyUI or diffusers.
+
+Host interface (``EncoderDecoderHost``)
+---------------------------------------
+A host adapts one U-Net. All tensors are batch-first; ``B`` is the batch of one model call (e.g. 2 with
+classifier-free guidance: uncond and cond rows).
+
+``encode(x, timesteps, context, **extra) -> EncoderFeatures``
+    Run the encoder on ``x`` ``[B, ...]`` at ``timesteps`` ``[B]`` with ``context`` (cross-attention
+    conditioning, ``[B, tokens, dim]`` or None) and host extras (e.g. SDXL's pooled ``y``); return the skips
+    (input-block order) and the middle output, each ``[B, ...]``.
+``decode(features, timesteps, context, **extra) -> Tensor``
+    Run the decoder on ``features``. Batched over timesteps: ``features``, ``timesteps``, ``context`` and
+    every batch-first tensor in ``extra`` come with batch ``n * B`` laid out as ``n`` blocks of ``B`` rows
+    (block ``j`` = step ``j`` of the batch), and the result is ``[n * B, ...]`` in the same layout. A decoder
+    must treat rows independently (the usual case: convolutions, norms and attention act per sample).
+
+Optional: ``full_forward(x, timesteps, context, *, capture, **extra) -> (prediction, EncoderFeatures | None)``
+    One native forward pass that also returns the features when ``capture`` is True. Hosts whose framework
+    already runs the whole U-Net efficiently (ComfyUI) implement it; otherwise the engine calls ``encode``
+    then ``decode``.
+
+``EncoderFeatures.meta`` carries host-private data (e.g. the input dtype) through the cache untouched.
+
+Driving the engine
+------------------
+Per sampler run: ``plan = key_steps.make_plan(spec, steps, window, max_batch)``,
+``engine = EncoderPropagationEngine(plan, step_timesteps, parallel)``; then for every model call
+``engine.predict(host, x, timesteps, context, step=match_step(sigma, sample_sigmas), cache_key=..., **extra)``;
+``engine.reset()`` at the end. ``cache_key`` names the call's cond batch (which conds, in which order, and the
+latent shape): features and stored predictions are kept per key, so split cond batches never mix.
+
+Steps and multi-evaluation samplers
+-----------------------------------
+A call belongs to the step whose start sigma it matches (``exact``) or, for the intermediate evaluations of
+heun / dpm_2 / dpmpp_2s / dpmpp_sde / uni_pc, to the step whose sigma interval contains it. A call runs the
+whole U-Net iff its step is a full step (or nothing is cached yet for its key); otherwise it runs the decoder
+on the cache at its own timestep. Only exact calls at full steps refresh the cache, and only exact calls use
+stored parallel predictions, so parallel and sequential decoding give the same result for every sampler,
+and with every step a key step every call is a plain full forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .key_steps import KeyStepSpec, PropagationPlan, make_plan
+from .noise_injection import PriorNoiseInjection
+from .steps import StepMatch
+
+
+@dataclass(frozen=True)
+class EncoderFeatures:
+    """What the decoder needs from the encoder: skips (input-block order) and the middle-block output."""
+
+    skips: tuple[torch.Tensor, ...]
+    middle: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.middle.shape[0]
+
+    def tile(self, n: int) -> EncoderFeatures:
+        """``n`` copies along the batch, laid out as ``n`` blocks of the original rows."""
+        if n == 1:
+            return self
+        return EncoderFeatures(tuple(tile_batch(s, n) for s in self.skips), tile_batch(self.middle, n), self.meta)
+
+
+def tile_batch(value: torch.Tensor, n: int) -> torch.Tensor:
+    return value.repeat(n, *([1] * (value.ndim - 1)))
+
+
+def _tile_if_batched(value: Any, n: int, batch: int) -> Any:
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+        return tile_batch(value, n)
+    return value
+
+
+@runtime_checkable
+class EncoderDecoderHost(Protocol):
+    """The two operations the engine needs from a U-Net (see the module docstring for shapes)."""
+
+    def encode(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None, **extra: Any
+    ) -> EncoderFeatures: ...
+
+    def decode(
+        self, features: EncoderFeatures, timesteps: torch.Tensor, context: torch.Tensor | None, **extra: Any
+    ) -> torch.Tensor: ...
+
+
+@dataclass
+class PropagationStats:
+    """What one run did; ``encoder_passes_saved`` counts model calls that skipped the encoder."""
+
+    full_passes: int = 0
+    full_steps: set[int] = field(default_factory=set)
+    encoder_passes_saved: int = 0
+    stored_predictions_used: int = 0
+    decoder_batches: int = 0
+    decoded_steps: int = 0
+    largest_batch: int = 0
+
+    def summary(self) -> str:
+        calls = self.full_passes + self.encoder_passes_saved
+        return (
+            f"key steps {sorted(self.full_steps)}, encoder passes saved {self.encoder_passes_saved}/{calls} calls, "
+            f"decoder batches {self.decoder_batches} ({self.decoded_steps} steps decoded, largest batch "
+            f"{self.largest_batch}, {self.stored_predictions_used} served from parallel decoding)"
+        )
+
+
+class EncoderPropagationEngine:
+    """Per-run state of encoder propagation: feature cache, parallel-decoded predictions, stats."""
+
+    def __init__(self, plan: PropagationPlan, step_timesteps: Sequence[float], parallel: bool = True):
+        if len(step_timesteps) < plan.steps:
+            raise ValueError(f"step_timesteps: need one timestep per step ({plan.steps}), got {len(step_timesteps)}")
+        self.plan = plan
+        self.step_timesteps = [float(t) for t in step_timesteps]
+        self.parallel = parallel
+        self._features: dict[Hashable, EncoderFeatures] = {}
+        self._predictions: dict[tuple[Hashable, int], torch.Tensor] = {}
+        self.stats = PropagationStats()
+
+    def reset(self) -> None:
+        self._features.clear()
+        self._predictions.clear()
+        self.stats = PropagationStats()
+
+    # Decisions ---------------------------------------------------------------------------------------
+    def needs_full_pass(self, step: StepMatch | None, cache_key: Hashable) -> bool:
+        if step is None or cache_key not in self._features:
+            return True
+        return self.plan.is_full(step.index)
+
+    def wants_features(self, step: StepMatch | None, cache_key: Hashable) -> bool:
+        """Should a full pass at ``step`` keep its features? Only if a decoder-only step can follow from it."""
+        if step is None:
+            return False
+        if not step.exact and cache_key in self._features:
+            return False  # intermediate evaluations never replace the key step's cache
+        return not self.plan.is_full(step.index + 1) or not self.plan.is_full(step.index)
+
+    # Bookkeeping after a full pass -------------------------------------------------------------------
+    def record_full_pass(self, step: StepMatch | None, cache_key: Hashable, features: EncoderFeatures | None) -> None:
+        self.stats.full_passes += 1
+        if step is None:
+            return
+        if step.exact:
+            self.stats.full_steps.add(step.index)
+        if step.exact or cache_key not in self._features:
+            for stale in [k for k in self._predictions if k[0] == cache_key]:
+                del self._predictions[stale]
+            if features is None:
+                self._features.pop(cache_key, None)
+            else:
+                self._features[cache_key] = features
+
+    # Decoder-only steps ------------------------------------------------------------------------------
+    def decode_step(
+        self,
+        host: EncoderDecoderHost,
+        step: StepMatch,
+        cache_key: Hashable,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None,
+        *,
+        batchable: bool = True,
+        **extra: Any,
+    ) -> torch.Tensor:
+        """Prediction at a decoder-only step from the cached features (stored, sequential or batched)."""
+        features = self._features[cache_key]
+        self.stats.encoder_passes_saved += 1
+        if step.exact and batchable:
+            stored = self._predictions.get((cache_key, step.index))
+            if stored is not None:
+                self.stats.stored_predictions_used += 1
+                return stored.clone()
+        batch = self.plan.batch_from(step.index) if (step.exact and self.parallel and batchable) else (step.index,)
+        self.stats.decoder_batches += 1
+        self.stats.decoded_steps += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        if len(batch) == 1:
+            return host.decode(features, timesteps, context, **extra)
+        n, rows = len(batch), features.batch_size
+        if timesteps.shape[0] != rows:
+            raise ValueError(f"timesteps: expected one per row of the cached batch ({rows}), got {timesteps.shape[0]}")
+        # The current step uses the call's own timesteps; later steps use the schedule's (same values).
+        all_timesteps = torch.cat([timesteps] + [torch.full_like(timesteps, self.step_timesteps[j]) for j in batch[1:]])
+        batched_extra = {name: _tile_if_batched(value, n, rows) for name, value in extra.items()}
+        out = host.decode(features.tile(n), all_timesteps, _tile_if_batched(context, n, rows), **batched_extra)
+        chunks = out.split(rows)
+        if len(chunks) != n:
+            raise RuntimeError(f"host decode returned batch {out.shape[0]}, expected {n * rows}")
+        for j, chunk in zip(batch[1:], chunks[1:], strict=True):
+            self._predictions[(cache_key, j)] = chunk
+        return chunks[0]
+
+    # One model call ----------------------------------------------------------------------------------
+    def predict(
+        self,
+        host: EncoderDecoderHost,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None,
+        *,
+        step: StepMatch | None,
+        cache_key: Hashable,
+        batchable: bool = True,
+        **extra: Any,
+    ) -> torch.Tensor:
+        """The model prediction for one call: a full pass or a decoder-only pass, as the plan says.
+
+        ``batchable=False`` decodes this call's own step only, with this call's inputs: it neither launches a
+        parallel batch nor uses a stored prediction (for per-step inputs a batch cannot carry, such as ControlNet
+        output residuals).
+        """
+        if not self.needs_full_pass(step, cache_key):
+            return self.decode_step(host, step, cache_key, timesteps, context, batchable=batchable, **extra)
+        capture = self.wants_features(step, cache_key)
+        full_forward = getattr(host, "full_forward", None)
+        if full_forward is not None:
+            out, features = full_forward(x, timesteps, context, capture=capture, **extra)
+        else:
+            features = host.encode(x, timesteps, context, **extra)
+            out = host.decode(features, timesteps, context, **extra)
+        self.record_full_pass(step, cache_key, features if capture else None)
+        return out
+
+
+@dataclass(frozen=True)
+class EncoderPropagationConfig:
+    """Validated user settings of encoder propagation (host-independent)."""
+
+    key_steps: KeyStepSpec = field(default_factory=KeyStepSpec)
+    parallel_decoding: bool = True
+    max_decoders_per_batch: int = 4
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    injection: PriorNoiseInjection = field(default_factory=PriorNoiseInjection)
+
+    def __post_init__(self):
+        m = self.max_decoders_per_batch
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise ValueError(f"max_decoders_per_batch: must be an integer >= 1, got {m!r}")
+        for name in ("start_percent", "end_percent"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}: must lie in 0..1, got {value!r}")
+        if self.start_percent >= self.end_percent:
+            raise ValueError(
+                f"start_percent ({self.start_percent}) must be below end_percent ({self.end_percent}); "
+                "reuse happens only between them"
+            )
+
+    def plan(self, steps: int, window: Sequence[bool] | None = None) -> PropagationPlan:
+        return make_plan(self.key_steps, steps, window, self.max_decoders_per_batch)

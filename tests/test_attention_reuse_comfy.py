@@ -1,0 +1,278 @@
+"""Attention Map Reuse in real ComfyUI: tiny real U-Nets (SD1.5/SDXL), Flux and SD3, comfy.sample.sample."""
+
+import importlib
+import logging
+import math
+import re
+
+import comfy_harness as h
+import pytest
+import torch
+
+from reuse_core.metrics import psnr
+
+DEFAULTS = dict(
+    strategy="hurry",
+    reuse_steps=0,
+    reuse_fraction=0.0,
+    custom_schedule="1",
+    attention="both",
+    mode="map",
+    cache_device="same as model",
+    memory_budget_mb=2048,
+    verbose=False,
+)
+
+
+@pytest.fixture(scope="module")
+def node(comfy):
+    h.load_pack()
+    return importlib.import_module("comfyui_reuse.nodes.attention_reuse").AttentionMapReuse
+
+
+def sharpen_attention(patcher, factor=10.0):
+    """The tiny test nets start with near-uniform attention; scale q/k so maps carry information."""
+    with torch.no_grad():
+        for name, param in patcher.model.named_parameters():
+            if name.endswith(("to_q.weight", "to_k.weight")):
+                param.mul_(factor)
+            elif name.endswith(".scale"):  # DiT q/k RMSNorm scales: random init would flatten the maps
+                param.fill_(1.0)
+    return patcher
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy):
+    return sharpen_attention(h.tiny_model("sd15", seed=3))
+
+
+def patched(node, model, **overrides):
+    return node.execute(model, **{**DEFAULTS, **overrides}).result[0]
+
+
+def run_lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Attention Map Reuse: steps")]
+
+
+def last_stats(caplog):
+    line = run_lines(caplog)[-1]
+    stats = {"line": line}
+    stats["reused_steps"] = int(re.search(r"steps reused (\d+)/", line).group(1))
+    stats["reused_calls"] = int(re.search(r"calls reused (\d+)", line).group(1))
+    stats["mib"] = float(re.search(r"memory ([\d.]+) MiB", line).group(1))
+    refused = re.search(r"refused stores (\d+)", line)
+    stats["refused"] = int(refused.group(1)) if refused else 0
+    assert re.search(r"layers patched \d+", line) and re.search(r"wall [\d.]+ s", line)
+    return stats
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "ddim"])
+def test_reuse_end_to_end(node, sd15, caplog, sampler):
+    caplog.set_level(logging.INFO)
+    before = h.sample(sd15, steps=6, sampler=sampler)
+    zero = h.sample(patched(node, sd15, mode="map"), steps=6, sampler=sampler)
+    assert last_stats(caplog)["reused_steps"] == 0
+    reused = {}
+    for mode in ("map", "output"):
+        reused[mode] = h.sample(patched(node, sd15, mode=mode, reuse_steps=2), steps=6, sampler=sampler)
+        stats = last_stats(caplog)
+        assert stats["reused_steps"] == 2 and stats["reused_calls"] > 0 and stats["mib"] > 0
+    after = h.sample(sd15, steps=6, sampler=sampler)
+
+    assert torch.equal(zero, before), "zero reuse must be bit-identical to the unpatched model"
+    assert torch.equal(after, before), "the input MODEL must be unchanged by patching and by patched runs"
+    for mode, out in reused.items():
+        assert torch.isfinite(out).all(), mode
+        assert not torch.equal(out, before), mode
+        assert 25.0 < psnr(out, before) < math.inf, mode
+    assert not torch.equal(reused["map"], reused["output"])
+
+
+def test_phast_preset_and_custom_schedule(node, sd15, caplog):
+    caplog.set_level(logging.INFO)
+    h.sample(patched(node, sd15, strategy="phast", reuse_steps=10), steps=20, size=8)
+    assert "schedule 11111111010001000000" in last_stats(caplog)["line"]
+    assert last_stats(caplog)["reused_steps"] == 10
+    h.sample(patched(node, sd15, strategy="custom", custom_schedule="1100 1100"), steps=4, size=8)
+    assert any("resampled to 1010" in r.getMessage() for r in caplog.records)
+    assert last_stats(caplog)["reused_steps"] == 2
+
+
+def test_cond_and_uncond_never_mix(node, sd15, caplog, monkeypatch):
+    """CFG batch (uncond+cond in one forward) vs ComfyUI splitting them into two forwards: same result."""
+    caplog.set_level(logging.INFO)
+    model = patched(node, sd15, reuse_steps=3)
+    batched = h.sample(model, steps=6, cfg=6.0)
+    batched_calls = last_stats(caplog)["reused_calls"]
+    monkeypatch.setattr(type(sd15.model), "memory_required", lambda self, *a, **k: 1e18)
+    split = h.sample(model, steps=6, cfg=6.0)
+    split_calls = last_stats(caplog)["reused_calls"]
+    assert split_calls == 2 * batched_calls  # really one forward per cond
+    assert torch.allclose(split, batched, atol=1e-4, rtol=1e-4)
+
+
+def test_budget_exceeded_falls_back(node, sd15, caplog):
+    caplog.set_level(logging.INFO)
+    full = h.sample(sd15, steps=6)
+    roomy = h.sample(patched(node, sd15, reuse_steps=3), steps=6)
+    roomy_stats = last_stats(caplog)
+    assert roomy_stats["mib"] > 1.0
+    tight = h.sample(patched(node, sd15, reuse_steps=3, memory_budget_mb=1), steps=6)
+    stats = last_stats(caplog)
+    assert stats["refused"] > 0 and 0 < stats["mib"] <= 1.0
+    assert sum("memory budget" in r.getMessage() for r in caplog.records) == 1  # said once
+    assert torch.isfinite(tight).all()
+    # Fewer layers reuse, so the result sits between the full run and the all-layers reuse run.
+    assert psnr(tight, full) > psnr(roomy, full)
+    none = h.sample(patched(node, sd15, reuse_steps=3, memory_budget_mb=0), steps=6)
+    assert torch.equal(none, full)
+
+
+def test_cache_device_cpu_and_cross_only(node, sd15):
+    model_side = h.sample(patched(node, sd15, reuse_steps=3, mode="output"), steps=6, size=8)
+    cpu_side = h.sample(patched(node, sd15, reuse_steps=3, mode="output", cache_device="cpu"), steps=6, size=8)
+    assert torch.equal(model_side, cpu_side)
+    both = h.sample(patched(node, sd15, reuse_steps=3), steps=6, size=8)
+    cross = h.sample(patched(node, sd15, reuse_steps=3, attention="cross"), steps=6, size=8)
+    self_only = h.sample(patched(node, sd15, reuse_steps=3, attention="self"), steps=6, size=8)
+    assert not torch.equal(cross, both) and not torch.equal(self_only, both) and not torch.equal(cross, self_only)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
+def test_multi_evaluation_samplers(node, sd15, caplog, sampler):
+    caplog.set_level(logging.INFO)
+    full = h.sample(sd15, steps=4, sampler=sampler, size=8)
+    assert torch.equal(h.sample(patched(node, sd15), steps=4, sampler=sampler, size=8), full)
+    reused = h.sample(patched(node, sd15, reuse_steps=2), steps=4, sampler=sampler, size=8)
+    assert last_stats(caplog)["reused_steps"] == 2
+    assert torch.isfinite(reused).all() and 20.0 < psnr(reused, full) < math.inf
+
+
+def test_partial_runs_resolve_against_actual_steps(node, sd15, caplog):
+    caplog.set_level(logging.INFO)
+    model = patched(node, sd15, reuse_fraction=0.5)
+    h.sample(model, steps=10, denoise=0.6, size=8)  # img2img: KSampler still runs 10 steps
+    assert "steps reused 5/10" in last_stats(caplog)["line"]
+    h.sample(model, steps=12, start_step=4, last_step=8, size=8)  # KSamplerAdvanced segment: 4 steps
+    assert "steps reused 2/4" in last_stats(caplog)["line"]
+    with pytest.raises(ValueError, match="reuse_steps: 10 reuse steps leave no compute step in this 4-step run"):
+        h.sample(patched(node, sd15, reuse_steps=10), steps=4, size=8)
+
+
+def test_existing_override_is_chained(node, sd15):
+    calls = []
+
+    def counting_override(func, *args, **kwargs):
+        calls.append(args[0].shape)
+        return func(*args, **kwargs)
+
+    base = sd15.clone()
+    base.model_options["transformer_options"]["optimized_attention_override"] = counting_override
+    reference = h.sample(base, steps=4)
+    unpatched_calls = len(calls)
+    calls.clear()
+    out = h.sample(patched(node, base, reuse_steps=0), steps=4)
+    assert torch.equal(out, reference) and len(calls) == unpatched_calls
+    calls.clear()
+    h.sample(patched(node, base, reuse_steps=2, mode="output"), steps=4)
+    assert len(calls) == unpatched_calls // 2  # reuse steps skip attention entirely
+    twice = patched(node, patched(node, base, reuse_steps=2, mode="output"), reuse_steps=0)
+    calls.clear()
+    assert torch.equal(h.sample(twice, steps=4), reference) and len(calls) == unpatched_calls  # later node wins
+
+
+def test_sdxl(node, comfy, caplog):
+    caplog.set_level(logging.INFO)
+    model = sharpen_attention(h.tiny_model("sdxl", seed=4))
+    full = h.sample(model, steps=6, kind="sdxl")
+    assert torch.equal(h.sample(patched(node, model), steps=6, kind="sdxl"), full)
+    reused = h.sample(patched(node, model, reuse_steps=2), steps=6, kind="sdxl")
+    assert last_stats(caplog)["reused_steps"] == 2
+    assert 20.0 < psnr(reused, full) < math.inf
+
+
+def _dit(kind):
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if kind == "flux":
+        unet = dict(
+            image_model="flux",
+            in_channels=16,
+            out_channels=16,
+            vec_in_dim=32,
+            context_in_dim=32,
+            hidden_size=64,
+            mlp_ratio=2.0,
+            num_heads=2,
+            depth=1,
+            depth_single_blocks=1,
+            axes_dim=[8, 12, 12],
+            theta=10000,
+            patch_size=2,
+            qkv_bias=True,
+            guidance_embed=False,
+        )
+        config, model_class = comfy.supported_models.Flux(unet), comfy.model_base.Flux
+    else:
+        unet = dict(
+            in_channels=16,
+            out_channels=16,
+            patch_size=2,
+            depth=2,
+            adm_in_channels=32,
+            input_size=None,
+            context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+            pos_embed_max_size=16,
+            num_patches=256,
+            pos_embed_scaling_factor=None,
+        )
+        config, model_class = comfy.supported_models.SD3(unet), comfy.model_base.SD3
+    config.set_inference_dtype(torch.float32, None)
+    model = model_class(config, device=torch.device("cpu"))
+    h._init_weights(model, 0, 0.1)
+    cpu = torch.device("cpu")
+    patcher = sharpen_attention(comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu))
+    gen = torch.Generator().manual_seed(0)
+    conds = [
+        [[torch.randn(1, 8, 32, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]] for _ in range(2)
+    ]
+    return patcher, conds
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_dit_families_through_the_override(node, comfy, caplog, kind):
+    caplog.set_level(logging.INFO)
+    model, (positive, negative) = _dit(kind)
+
+    def run(m):
+        return h.sample(m, steps=6, cfg=3.0, latent=torch.zeros(1, 16, 8, 8), positive=positive, negative=negative)
+
+    full = run(model)
+    assert torch.equal(run(patched(node, model)), full)
+    for mode in ("map", "output"):
+        reused = run(patched(node, model, reuse_steps=3, mode=mode))
+        stats = last_stats(caplog)
+        assert stats["reused_steps"] == 3 and stats["reused_calls"] > 0
+        assert torch.isfinite(reused).all() and not torch.equal(reused, full)
+        assert psnr(reused, full) > 20.0
+
+
+def test_bad_inputs_raise_at_node_execution_and_leave_model_alone(node, comfy):
+    model = h.tiny_model("sd15", seed=5)
+    options_before = repr(model.model_options)
+    with pytest.raises(ValueError, match="custom_schedule"):
+        patched(node, model, strategy="custom", custom_schedule="11x0")
+    with pytest.raises(ValueError, match="custom_schedule: must start with 1"):
+        patched(node, model, strategy="custom", custom_schedule="0111")
+    with pytest.raises(ValueError, match="cache_device"):
+        patched(node, model, cache_device="gpu")
+    assert repr(model.model_options) == options_before
+
+
+def test_unsupported_model_names_its_class(node, comfy):
+    model = h.tiny_model("sd15", seed=6)
+    model.model.diffusion_model = torch.nn.Identity()  # a net whose attention ComfyUI cannot hook
+    with pytest.raises(ValueError, match="cannot patch Identity"):
+        patched(node, model)

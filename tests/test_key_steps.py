@@ -1,0 +1,111 @@
+"""Key-step schedules, reuse windows and parallel-decoding groups (pure functions, no ComfyUI)."""
+
+import pytest
+
+from reuse_core.key_steps import (
+    PAPER_KEY_STEPS_50,
+    KeyStepSpec,
+    group_non_key_steps,
+    make_plan,
+    one_pass_key_steps,
+    paper_key_steps,
+    parse_key_step_list,
+    reuse_window,
+    reuse_window_by_position,
+    uniform_key_steps,
+)
+
+
+def test_paper_preset_is_the_papers_set_at_50_steps():
+    assert paper_key_steps(50) == PAPER_KEY_STEPS_50 == (0, 1, 2, 3, 5, 10, 15, 25, 35)
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        (1, (0,)),
+        (4, (0, 1, 2, 3)),
+        (10, (0, 1, 2, 3, 5, 7)),
+        (20, (0, 1, 2, 3, 4, 6, 10, 14)),
+        (25, (0, 1, 2, 3, 5, 8, 13, 18)),
+        (100, (0, 1, 2, 3, 4, 6, 10, 20, 30, 50, 70)),
+    ],
+)
+def test_paper_preset_scaling_rule(steps, expected):
+    assert paper_key_steps(steps) == expected
+
+
+@pytest.mark.parametrize("steps", range(1, 121))
+def test_paper_preset_invariants(steps):
+    keys = paper_key_steps(steps)
+    assert keys == tuple(sorted(set(keys)))
+    assert all(0 <= k < steps for k in keys)
+    assert set(range(min(4, steps))) <= set(keys)  # dense early keys kept
+
+
+def test_uniform_and_one_pass():
+    assert uniform_key_steps(10, 4) == (0, 4, 8)
+    assert uniform_key_steps(5, 1) == (0, 1, 2, 3, 4)
+    assert uniform_key_steps(3, 10) == (0,)
+    assert one_pass_key_steps(4) == (0,)
+    with pytest.raises(ValueError, match="uniform_k"):
+        uniform_key_steps(10, 0)
+
+
+def test_parse_custom_list():
+    assert parse_key_step_list("0,1,2,5,10") == (0, 1, 2, 5, 10)
+    assert parse_key_step_list(" 10 5; 0,,2 [1] ") == (0, 1, 2, 5, 10)
+    for bad in ("", "  ", "0,a", "0,-1", "1.5"):
+        with pytest.raises(ValueError, match="custom_key_steps"):
+            parse_key_step_list(bad)
+
+
+def test_spec_validation_names_the_field():
+    with pytest.raises(ValueError, match="key_steps"):
+        KeyStepSpec("fastest")
+    with pytest.raises(ValueError, match="uniform_k"):
+        KeyStepSpec("uniform", k=0)
+    with pytest.raises(ValueError, match="custom_key_steps"):
+        KeyStepSpec.from_inputs("custom", 4, "0, two")
+    # The custom text is not parsed (so cannot fail) when another preset is selected.
+    assert KeyStepSpec.from_inputs("paper", 4, "garbage").key_steps(50) == PAPER_KEY_STEPS_50
+
+
+def test_custom_resolution_always_keeps_step_zero_and_drops_out_of_range():
+    spec = KeyStepSpec.from_inputs("custom", 4, "2,5,10,40")
+    assert spec.key_steps(20) == (0, 2, 5, 10)
+    assert spec.key_steps(3) == (0, 2)
+
+
+def test_reuse_windows():
+    sigmas = [10.0, 5.0, 2.0, 1.0]
+    assert reuse_window(sigmas, start_sigma=5.0, end_sigma=1.0) == (False, True, True, False)
+    assert reuse_window(sigmas, start_sigma=1e9, end_sigma=0.0) == (True, True, True, True)
+    assert reuse_window_by_position(4, 0.25, 0.75) == (False, True, True, False)
+
+
+def test_grouping_respects_max_batch_and_key_steps():
+    assert group_non_key_steps(10, {0, 4}, 2) == ((1, 2), (3,), (5, 6), (7, 8), (9,))
+    assert group_non_key_steps(4, {0, 1, 2, 3}, 4) == ()
+    with pytest.raises(ValueError, match="max_decoders_per_batch"):
+        group_non_key_steps(10, {0}, 0)
+
+
+def test_paper_groups_match_the_papers_group_sizes():
+    plan = make_plan(KeyStepSpec("paper"), 50, max_batch=64)
+    # Paper (key step included): 1, 1, 1, 2, 5, 5, 10, 10, 15.
+    assert [len(b) for b in plan.decode_batches] == [1, 4, 4, 9, 9, 14]
+    assert plan.decoder_only_steps == 41
+
+
+def test_plan_with_window_and_batches():
+    window = [True] * 6 + [False] * 2
+    plan = make_plan(KeyStepSpec("one_pass"), 8, window=window, max_batch=3)
+    assert plan.full_steps == frozenset({0, 6, 7})
+    assert plan.decode_batches == ((1, 2, 3), (4, 5))
+    assert plan.batch_from(1) == (1, 2, 3)
+    assert plan.batch_from(2) == (2, 3)
+    assert plan.batch_from(6) == (6,)
+    assert plan.is_full(8) and plan.is_full(-1) and not plan.is_full(3)
+    with pytest.raises(ValueError, match="window"):
+        make_plan(KeyStepSpec("paper"), 8, window=[True] * 3)
