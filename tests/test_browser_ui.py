@@ -1,0 +1,224 @@
+"""The example workflows in the real ComfyUI web frontend, driven in headless Chromium.
+
+Each workflow is opened the way a user opens it: Templates sidebar -> "comfyui-reuse" -> card (the
+frontend fetches it from ``/api/workflow_templates/comfyui-reuse/``). The test then checks that no node is
+missing or red, that the pack's nodes show all their widgets with the saved values, that the frontend's own
+"Export (API)" conversion equals ``tools/workflow_api.py``'s, and that queuing from the UI runs to
+completion with the images shown. Screenshots go to ``tests/_artifacts/browser/`` (gitignored).
+
+Needs: Debian ``chromium`` (``/usr/bin/chromium`` or ``CHROMIUM_PATH``), ``playwright`` (the Python
+package only; no downloaded browser), and the real server of ``test_server_workflows.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from server_support import (
+    PACK_FOLDER_NAME,
+    PACK_NODE_TYPES,
+    REPO_DIR,
+    TEST_STEPS,
+    example_workflow_paths,
+    history_error,
+    load_tools_module,
+)
+
+pytest_plugins = ["server_fixtures"]
+pytestmark = pytest.mark.comfyui
+
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+ARTIFACTS = REPO_DIR / "tests" / "_artifacts" / "browser"
+BROWSER_IMAGE_SIZE = 32  # not the server test's 64, so ComfyUI's cache cannot answer for the UI run
+EXAMPLES = example_workflow_paths()
+TEMPLATE_DIALOG = "Get Started with a Template"
+
+
+def browser_unavailable_reason() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install playwright==1.65.2; the test uses Debian's chromium)"
+    if not CHROMIUM.is_file():
+        return f"Chromium not found at {CHROMIUM} (apt-get install chromium chromium-driver, or set CHROMIUM_PATH)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server, object_info, tmp_path_factory):
+    reason = browser_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    if "UpscaleModelLoader" not in object_info:
+        # Frontend 1.27.10 (pinned by ComfyUI 0.3.64) cannot build the ckpt_name widget of any loader node
+        # when this core node is missing, so every workflow would load with a red checkpoint loader.
+        pytest.skip(
+            "ComfyUI's UpscaleModelLoader is not registered (its dependency spandrel is missing: "
+            "pip install --no-deps spandrel==0.4.2); frontend 1.27.10 then breaks every loader widget"
+        )
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            user_data_dir=str(tmp_path_factory.mktemp("chromium_profile")),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1800, "height": 1000},
+        )
+        try:
+            tab = context.pages[0] if context.pages else context.new_page()
+            tab.console_errors = []
+            tab.on("pageerror", lambda err: tab.console_errors.append(f"{err.message}\n{err.stack}"))
+            tab.goto(comfy_server.url + "/", wait_until="domcontentloaded")
+            tab.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+            yield tab
+        finally:
+            context.close()
+
+
+def _visible_dialogs(page) -> int:
+    return page.evaluate("() => Array.from(document.querySelectorAll('.p-dialog')).filter(d => d.offsetParent).length")
+
+
+def _close_dialogs(page) -> None:
+    for _ in range(5):
+        if not _visible_dialogs(page):
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+    raise AssertionError(f"dialogs do not close: {_graph_state(page)['dialogs']}")
+
+
+def _open_template(page, stem: str) -> None:
+    """Templates sidebar -> comfyui-reuse category -> the workflow's card (as a user does)."""
+    dialog_title = page.get_by_text(TEMPLATE_DIALOG)
+    if not dialog_title.is_visible():  # a fresh profile may already show it on first start
+        page.locator("button.templates-tab-button").click()
+    dialog_title.wait_for(timeout=60_000)
+    page.get_by_role("dialog").get_by_text(PACK_FOLDER_NAME, exact=True).first.click()
+    page.locator(f'[data-testid="template-workflow-{stem}"]').click()
+    dialog_title.wait_for(state="hidden", timeout=60_000)
+
+
+def _graph_state(page) -> dict:
+    return page.evaluate(
+        """() => ({
+            nodes: app.graph.nodes.map(n => ({
+                id: n.id, type: n.type, title: n.title,
+                registered: !!LiteGraph.registered_node_types[n.type],
+                has_errors: !!n.has_errors,
+                widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value})),
+            })),
+            dialogs: Array.from(document.querySelectorAll('.p-dialog'))
+                .filter(d => d.offsetParent !== null).map(d => d.innerText.slice(0, 500)),
+        })"""
+    )
+
+
+def _problems(state: dict) -> list[str]:
+    """Everything that makes a loaded workflow unusable: dialogs (missing nodes/models), unknown or red nodes."""
+    problems = [f"dialog open: {text!r}" for text in state["dialogs"]]
+    for node in state["nodes"]:
+        if not node["registered"]:
+            problems.append(f"node {node['id']} type {node['type']!r} is not registered (missing node)")
+        if node["has_errors"]:
+            problems.append(f"node {node['id']} ({node['type']}) is marked red (has_errors)")
+    return problems
+
+
+def _wait_for_graph(page, workflow: dict) -> dict:
+    expected = sorted(n["type"] for n in workflow["nodes"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = _graph_state(page)
+        if sorted(n["type"] for n in state["nodes"]) == expected:
+            return state
+        time.sleep(0.25)
+    raise AssertionError(f"the graph never showed the workflow's nodes; it shows {_graph_state(page)['nodes']}")
+
+
+def test_missing_node_is_detected(page):
+    """The checks below can fail: a workflow with an unknown node type is reported."""
+    workflow = json.loads(EXAMPLES[0].read_text(encoding="utf-8"))
+    workflow["nodes"][0]["type"] = "NoSuchNodeFromAnotherPack"
+    _close_dialogs(page)
+    page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'missing-node-check'); }", workflow)
+    page.get_by_text("Some Nodes Are Missing").wait_for(timeout=10_000)
+    problems = _problems(_graph_state(page))
+    assert any("NoSuchNodeFromAnotherPack" in p and "not registered" in p for p in problems), problems
+    assert any("NoSuchNodeFromAnotherPack" in p and "dialog open" in p for p in problems), problems
+    _close_dialogs(page)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_workflow_in_the_web_ui(page, comfy_server, object_info, path):
+    workflow_api = load_tools_module("workflow_api")
+    workflow = json.loads(path.read_text(encoding="utf-8"))
+
+    _close_dialogs(page)
+    page.console_errors.clear()
+    _open_template(page, path.stem)
+    state = _wait_for_graph(page, workflow)
+    assert not _problems(state), _problems(state)
+
+    # the pack's nodes show every widget of their schema, holding the values saved in the file
+    saved = {n["id"]: n for n in workflow["nodes"]}
+    for node in state["nodes"]:
+        if node["type"] not in PACK_NODE_TYPES:
+            continue
+        expected_names = [w for w in workflow_api.widget_names(object_info[node["type"]]) if ":" not in w]
+        assert [w["name"] for w in node["widgets"]] == expected_names
+        values = [w["value"] for w in node["widgets"]]
+        assert values == pytest.approx(saved[node["id"]]["widgets_values"]), node["type"]
+
+    # the frontend's own UI->API conversion agrees with tools/workflow_api.py
+    frontend_prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+    ours = workflow_api.ui_to_api(workflow, object_info)
+    assert {k: (v["class_type"], v["inputs"]) for k, v in frontend_prompt.items()} == pytest.approx(
+        {k: (v["class_type"], v["inputs"]) for k, v in ours.items()}
+    )
+
+    # queue from the UI (smaller image, fewer steps) and wait for the server to finish it
+    page.evaluate(
+        """([size, steps]) => {
+            for (const n of app.graph.nodes) {
+                for (const w of n.widgets || []) {
+                    if (n.type === 'EmptyLatentImage' && (w.name === 'width' || w.name === 'height')) w.value = size;
+                    if (n.type === 'KSampler' && w.name === 'steps') w.value = Math.min(w.value, steps);
+                }
+            }
+        }""",
+        [BROWSER_IMAGE_SIZE, TEST_STEPS],
+    )
+    before = set(comfy_server.get_json("/history"))
+    page.evaluate("async () => { await app.queuePrompt(0, 1); }")
+    deadline = time.monotonic() + 300
+    new_ids: set = set()
+    while time.monotonic() < deadline and not new_ids:
+        new_ids = set(comfy_server.get_json("/history")) - before
+        queue = comfy_server.get_json("/queue")
+        if not new_ids and not queue["queue_running"] and not queue["queue_pending"]:
+            time.sleep(1)  # the prompt may still be on its way; /history is checked again
+        time.sleep(0.5)
+    assert len(new_ids) == 1, f"queuing from the UI produced {len(new_ids)} prompts\n{comfy_server.log_tail()}"
+    entry = comfy_server.wait_for_history(new_ids.pop(), timeout=300)
+    assert history_error(entry) is None, history_error(entry)
+    outputs = [n["id"] for n in workflow["nodes"] if n["type"] in ("SaveImage", "PreviewImage")]
+    page.wait_for_function(
+        "(ids) => ids.every(id => (app.nodeOutputs?.[String(id)]?.images || []).length > 0)", arg=outputs,
+        timeout=30_000,
+    )  # fmt: skip
+    state = _graph_state(page)
+    assert not _problems(state), _problems(state)
+    assert not page.console_errors, page.console_errors
+    page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
