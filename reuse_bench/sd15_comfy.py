@@ -106,6 +106,9 @@ def import_comfy(comfy_path: str | os.PathLike | None = None):
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
+    # On the CPU ComfyUI defaults to sub-quadratic attention; GPU users get PyTorch's fused SDPA. Time against
+    # the fused kernel, the baseline that reuse has to beat.
+    comfy.cli_args.args.use_pytorch_cross_attention = True
     import comfy.model_management  # after the CPU flag
     import comfy.model_patcher
     import comfy.sample

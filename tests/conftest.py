@@ -1,6 +1,11 @@
 import pytest
+import torch
 
 from comfy_harness import comfyui_unavailable_reason
+
+# The test models are tiny: one thread is faster than two (OpenMP barriers dominate, badly so on a busy
+# 2-core CI machine), and it keeps results independent of the machine's thread count.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
