@@ -1,0 +1,187 @@
+"""Bench outputs: Markdown table, JSON, comparison grid PNG (rows = methods, columns = seeds), PSNR-vs-speed PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .sampling import to_unit_range
+
+TABLE_HEADER = (
+    "| Method | Steps | Time vs ref (median) | U-Net FLOPs vs ref | Work skipped | PSNR dB mean / worst "
+    "| SSIM mean / worst | Class acc. | Peak tensor MB | DDIM at equal time: steps, PSNR |"
+)
+
+
+def _db(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.1f}"
+
+
+def table_row(r: dict) -> str:
+    ratio = f"{r['time_ratio']:.2f}x ({r['median_s'] * 1000:.0f} ms)"
+    flops = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") is not None else "n/a"
+    if r["family"] == "reference":
+        equal = "-"
+    elif r["equal_time_ddim_steps"] >= r["steps"]:
+        equal = f"{r['equal_time_ddim_steps']} (method not faster)"
+    else:
+        equal = f"{r['equal_time_ddim_steps']}, {_db(r['equal_time_ddim_psnr_mean'])}"
+    cells = [
+        r["method"],
+        str(r["steps"]),
+        ratio,
+        flops,
+        r["work_skipped"] or "-",
+        f"{_db(r['psnr_mean'])} / {_db(r['psnr_worst'])}",
+        f"{r['ssim_mean']:.3f} / {r['ssim_worst']:.3f}",
+        f"{r['classifier_accuracy'] * 100:.0f}%",
+        f"{r['peak_tensor_bytes'] / 2**20:.1f}",
+        equal,
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(result: dict) -> str:
+    s, m = result["settings"], result["machine"]
+    lines = [
+        f"# reuse_bench results ({'quick' if s['quick'] else 'full'})",
+        "",
+        f"{len(s['seeds'])} images (classes {s['labels']}, seeds {s['seeds']}), DDIM eta 0, CFG {s['guidance']}, "
+        f"{s['repeats']} interleaved timing repeat(s)"
+        f"{' (quick: time ratios are noisy on a busy machine)' if s['quick'] else ''}; "
+        f"{m['processor']}, {m['cpu_count']} CPUs, "
+        f"torch {m['torch']} with {m['torch_threads']} threads; {result['date']}.",
+        "Time and FLOPs are relative to the full-compute DDIM run with the same step count (PSNR/SSIM too, per seed, "
+        "images in [0, 1]). Class acc. = digit classifier agrees with the requested class "
+        f"(classifier held-out accuracy on real digits: {result['classifier_held_out_accuracy']}). "
+        "Peak tensor MB = peak live tensor storage allocated during a one-image run (CFG batch 2); "
+        "FLOPs are measured on the same run.",
+        "",
+        TABLE_HEADER,
+        "|" + "|".join(["---"] * (TABLE_HEADER.count("|") - 1)) + "|",
+    ]
+    lines += [table_row(r) for r in result["rows"]]
+    methods = [r for r in result["rows"] if r["family"] != "reference"]
+    slower = [f"{r['method']} ({r['steps']} steps)" for r in methods if r["equal_time_ddim_steps"] >= r["steps"]]
+    not_better = [
+        f"{r['method']} ({r['steps']} steps)"
+        for r in methods
+        if r["equal_time_ddim_steps"] < r["steps"] and r["equal_time_ddim_psnr_mean"] >= r["psnr_mean"]
+    ]
+    lines.append("")
+    if slower:
+        lines.append(
+            "Not faster than full compute here (equal-time DDIM needs as many steps): " + "; ".join(slower) + "."
+        )
+    if not_better:
+        lines.append(
+            "Not better than simply running fewer DDIM steps in the same time (equal or higher PSNR): "
+            + "; ".join(not_better)
+            + "."
+        )
+    lines.append("")
+    lines.append(
+        "PHAST schedules: "
+        + "; ".join(
+            f"{mode} `{p['schedule']}` (PSNR {p['psnr']:.2f} dB vs HURRY {p['hurry_psnr']:.2f} dB, {p['source']})"
+            for mode, p in result["phast"].items()
+        )
+        + "."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_json(result: dict, path: Path) -> None:
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return "inf" if value > 0 else "-inf"
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if not k.startswith("_")}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    path.write_text(json.dumps(clean(result), indent=1))
+
+
+def grid_png(result: dict, path: Path, scale: int = 2) -> None:
+    """Rows = methods (label on the left), columns = seeds; each cell the final 32x32 digit."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = result["_images"]
+    names = list(images)
+    first = next(iter(images.values()))
+    n, h, w = first.shape[0], first.shape[-2] * scale, first.shape[-1] * scale
+    label_w, pad = 380, 2
+    font = ImageFont.load_default()
+    canvas = Image.new("L", (label_w + n * (w + pad), 20 + len(names) * (h + pad)), 255)
+    draw = ImageDraw.Draw(canvas)
+    s = result["settings"]
+    for j in range(n):
+        draw.text((label_w + j * (w + pad) + 2, 4), f"{s['labels'][j]}/s{s['seeds'][j]}", fill=0, font=font)
+    for i, name in enumerate(names):
+        y = 20 + i * (h + pad)
+        draw.text((4, y + h // 2 - 6), name[:62], fill=0, font=font)
+        pixels = (to_unit_range(images[name]) * 255).round().to(torch.uint8)
+        for j in range(n):
+            cell = Image.fromarray(pixels[j, 0].numpy(), mode="L").resize((w, h), Image.NEAREST)
+            canvas.paste(cell, (label_w + j * (w + pad), y))
+    canvas.save(path)
+
+
+def plot_png(result: dict, path: Path) -> None:
+    """PSNR (mean) against speed-up, one panel per reference step count; fewer-step DDIM points for comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step_counts = sorted({r["steps"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(step_counts), figsize=(6.5 * len(step_counts), 5), squeeze=False)
+    colours = {"attention": "tab:blue", "encoder": "tab:orange", "both": "tab:green", "peer": "tab:red"}
+    for ax, steps in zip(axes[0], step_counts, strict=True):
+        rows = [r for r in result["rows"] if r["steps"] == steps and r["family"] != "reference"]
+        finite = [r["psnr_mean"] for r in rows if math.isfinite(r["psnr_mean"])]
+        cap = max([*finite, 40.0]) + 5
+        for r in rows:
+            y = r["psnr_mean"] if math.isfinite(r["psnr_mean"]) else cap
+            ax.scatter(1 / r["time_ratio"], y, color=colours[r["family"]], s=30)
+            ax.annotate(
+                r["method"].replace("Encoder propagation", "EP").replace("Attention reuse", "AR"),
+                (1 / r["time_ratio"], y),
+                fontsize=6,
+                xytext=(3, 2),
+                textcoords="offset points",
+            )
+            n = r["equal_time_ddim_steps"]
+            if n < steps and math.isfinite(r["equal_time_ddim_psnr_mean"]):
+                ax.scatter(steps / n, r["equal_time_ddim_psnr_mean"], color="black", marker="x", s=25)
+        ax.axvline(1.0, color="grey", lw=0.5)
+        ax.set_title(f"vs full-compute DDIM {steps} (x = DDIM with fewer steps, same time)")
+        ax.set_xlabel("speed-up (reference time / method time)")
+        ax.set_ylabel("PSNR vs reference, dB (mean over seeds)")
+        for family, colour in colours.items():
+            ax.scatter([], [], color=colour, label=family)
+        ax.scatter([], [], color="black", marker="x", label="fewer-step DDIM")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(result: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "table": out / "results.md",
+        "json": out / "results.json",
+        "grid": out / "grid.png",
+        "plot": out / "psnr_vs_speed.png",
+    }
+    paths["table"].write_text(markdown(result))
+    write_json(result, paths["json"])
+    grid_png(result, paths["grid"])
+    plot_png(result, paths["plot"])
+    return paths

@@ -1,0 +1,99 @@
+"""The main job's ``--quick`` run, end to end, as CI runs it: outputs exist and the table has every row."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers", reason="the bench samples a diffusers U-Net (requirements-dev.txt)")
+pytest.importorskip("DeepCache", reason="the bench's peer rows need DeepCache (requirements-dev.txt)")
+pytest.importorskip("matplotlib", reason="the bench's plot needs matplotlib (requirements-dev.txt)")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_quick")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "reuse_bench", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_quick_run_writes_every_output(quick_run):
+    out, proc = quick_run
+    for name in ("results.md", "results.json", "grid.png", "psnr_vs_speed.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert "| Method |" in proc.stdout  # the table is printed too
+
+
+def test_quick_table_has_the_expected_rows(quick_run):
+    from reuse_bench.bench import build_methods
+    from reuse_bench.phast_search import load_stored
+
+    out, _ = quick_run
+    result = json.loads((out / "results.json").read_text())
+    expected = [(m.name, m.steps) for m in build_methods(load_stored(), quick=True)]
+    assert [(r["method"], r["steps"]) for r in result["rows"]] == expected
+    families = {r["family"] for r in result["rows"]}
+    assert families == {"reference", "attention", "encoder", "both", "peer"}
+    table = (out / "results.md").read_text()
+    for name, _ in expected:
+        assert f"| {name} |" in table
+
+
+def test_quick_numbers_are_consistent(quick_run):
+    out, _ = quick_run
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for row in rows:
+        if row["family"] == "reference":
+            assert row["time_ratio"] == 1.0 and row["flops_ratio"] == 1.0
+            assert row["psnr_mean"] == "inf" and row["ssim_mean"] == 1.0
+        else:
+            assert row["flops"] > 0 and row["peak_tensor_bytes"] > 0 and row["equal_time_ddim_steps"] >= 1
+            assert row["work_skipped"], row["method"]
+        assert 0.0 <= row["classifier_accuracy"] <= 1.0
+    saving = [r for r in rows if r["family"] in ("encoder", "peer")]
+    assert all(r["flops_ratio"] < 1.0 for r in saving)  # skipping encoder/deep blocks must remove U-Net FLOPs
+
+
+def test_grid_has_one_row_per_method_and_one_column_per_seed(quick_run):
+    from PIL import Image
+
+    out, _ = quick_run
+    result = json.loads((out / "results.json").read_text())
+    width, height = Image.open(out / "grid.png").size
+    cell = 2 * 32
+    assert height >= len(result["rows"]) * cell
+    assert width >= len(result["settings"]["seeds"]) * cell
+
+
+def test_comfyui_mode_rejects_a_folder_that_is_not_comfyui(tmp_path):
+    from reuse_bench.__main__ import main
+
+    with pytest.raises(SystemExit, match="not a ComfyUI checkout"):
+        main(["--comfyui", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_comfy_tables_split_by_table_key(tmp_path):
+    from reuse_bench.comfy_report import write_comfy_tables
+
+    rows = [{"table": "unet", "size": 64, "ratio": 0.5}, {"table": "end_to_end", "preset": "paper", "speedup": 1.25}]
+    paths = write_comfy_tables({"Encoder": rows}, tmp_path, quick=True, comfyui=tmp_path)
+    text = paths["table"].read_text()
+    assert "## Encoder (unet)" in text and "## Encoder (end_to_end)" in text
+    assert "| 64 | 0.5 |" in text and "| paper | 1.25 |" in text
+    assert json.loads(paths["json"].read_text())["tables"]["Encoder"][1]["speedup"] == 1.25
