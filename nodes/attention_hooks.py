@@ -11,9 +11,19 @@ How a sampler run flows through it:
   cond/uncond order) and a fresh call counter, closed in ``finally``. Attention outside a forward
   (ControlNet's own forward, a bare ``apply_model`` call) passes through untouched.
 * ``transformer_options["optimized_attention_override"]`` (``attention_override``): every attention call of
-  the diffusion model. Inside a forward it hands the call to the engine with layer key = call ordinal within
-  the forward (plus the U-Net's ``block``/``block_index``), else it passes through. A previously installed
-  override is chained: the engine's "fused" path calls it.
+  the diffusion model. Inside a forward it hands the call to the engine with a layer key (below), else it
+  passes through. A previously installed override is chained: the engine's "fused" path calls it.
+
+Layer keys: on a U-Net (the attention call carries ``block``/``block_index``) a layer is
+``(block, block_index, position within that transformer block)``, so a decoder layer keeps its key at Encoder
+Feature Propagation's decoder-only steps, where the encoder's attention calls do not happen. Models without block
+information (DiTs) use the call's ordinal within the forward.
+
+Chained with Encoder Feature Propagation: a decoder-only pass at one step is an ordinary forward of that step
+(decoder layers follow the step's bit; encoder layers simply do not run). A parallel decoder batch carries
+``comfy_steps.DECODER_STEPS_KEY`` (the step of each block of rows); its attention calls go through
+``AttentionReuseRun.attention_steps``: each block of rows follows its own step's bit, in step order, so parallel
+and sequential decoding make the same reuse decisions.
 
 Steps and multi-evaluation samplers: a call whose sigma equals ``sample_sigmas[i]`` belongs to step ``i``
 and follows bit ``i`` of the schedule. Heun-type samplers evaluate a second time at the next step's sigma;
@@ -33,7 +43,7 @@ from dataclasses import dataclass, field
 
 from ..reuse_core.attention_reuse import AttentionReuseConfig, AttentionReuseRun
 from ..reuse_core.schedules import ScheduleSpec
-from .comfy_steps import step_of_call, transformer_options_of
+from .comfy_steps import DECODER_STEPS_KEY, step_of_call, transformer_options_of
 
 OPTIONS_KEY = "comfyui_reuse_attention"
 WRAPPER_KEY = "comfyui_reuse_attention"
@@ -122,17 +132,35 @@ def make_attention_override(previous=None):
         block = options.get("block")
         kind = None
         if block is not None:
-            # U-Net: attn1 then attn2 inside each transformer block (same block/block_index); self-attention
-            # always has as many keys as queries.
+            # U-Net: the layer is named by where it sits, never by how many calls came before it, so a decoder
+            # layer has the same key whether or not the encoder ran in this forward (Encoder Feature
+            # Propagation). attn1 then attn2 inside each transformer block (same block/block_index);
+            # self-attention always has as many keys as queries.
             where = (tuple(block), options.get("block_index", 0))
             position = forward.block_calls.get(where, 0)
             forward.block_calls[where] = position + 1
             tokens_q = q.shape[2] if layout == "bhnd" else q.shape[1]
             tokens_k = k.shape[2] if layout == "bhnd" else k.shape[1]
             kind = "self" if position == 0 and tokens_q == tokens_k else "cross"
-            layer_key = (ordinal, *where)
+            layer_key = (*where, position)
         else:
             layer_key = (ordinal,)
+        row_steps = options.get(DECODER_STEPS_KEY)
+        if row_steps is not None and len(row_steps) > 1:
+            return patch.run.attention_steps(
+                lambda q, k, v, mask: call_through(func, *_with_rows(args, kwargs, q, k, v, mask)),
+                q,
+                k,
+                v,
+                heads=heads,
+                row_steps=row_steps,
+                layer_key=layer_key,
+                chunk_key=forward.chunk_key,
+                layout=layout,
+                output_layout=output_layout,
+                kind=kind,
+                mask=mask,
+            )
         return patch.run.attention(
             lambda: call_through(func, args, kwargs),
             q,
@@ -150,6 +178,16 @@ def make_attention_override(previous=None):
 
     attention_override.comfyui_reuse_previous = previous
     return attention_override
+
+
+def _with_rows(args: tuple, kwargs: dict, q, k, v, mask) -> tuple[tuple, dict]:
+    """The attention call's arguments with q/k/v (and the mask, where the call has one) replaced."""
+    args = (q, k, v, *args[3:])
+    if len(args) > 4:
+        args = (*args[:4], mask, *args[5:])
+    elif kwargs.get("mask") is not None:
+        kwargs = {**kwargs, "mask": mask}
+    return args, kwargs
 
 
 def install_override(transformer_options: dict) -> None:

@@ -1,4 +1,14 @@
-"""V3 node ``AttentionMapReuse``: MODEL -> MODEL, attention-map reuse across sampling steps (HURRY/PHAST)."""
+"""V3 node ``AttentionMapReuse``: MODEL -> MODEL, attention-map reuse across sampling steps (HURRY/PHAST).
+
+Chained with Encoder Feature Propagation (either order): U-Net attention layers are keyed by their place
+(block, transformer index, attn1/attn2), so a decoder layer finds its kept map at the encoder node's decoder-only
+steps; each step follows its own schedule bit there as at a full step. Encoder layers run only at key steps: at a
+reuse step they reuse what they kept at the last store step where they ran, or compute fresh (counted as
+fallbacks) if they never stored. A parallel decoder batch (several steps' decoders in one batch) is split by rows:
+each step's rows follow that step's bit in step order (``attention_hooks``), so parallel and sequential decoding
+make the same reuse decisions. Both nodes off (0 reuse steps, every step a key step) leave the output
+bit-identical to the unpatched model.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from ..reuse_core.steps import StepMatch, match_step
 
+# Set by Encoder Feature Propagation on the transformer_options of a decoder-only pass that decodes several
+# sampling steps in one batch (parallel decoding), and only there: a tuple with the step index of each block of
+# rows. The batch holds len(steps) equal blocks of rows in that order (block j = rows [j*R, (j+1)*R) with
+# R = rows // len(steps), one copy of the call's cond batch each); an entry is None where the step is unknown.
+# Attention Map Reuse applies step steps[j]'s schedule to block j instead of the call's own step.
+DECODER_STEPS_KEY = "comfyui_reuse.decoder_steps"
+
 
 def transformer_options_of(args: tuple, kwargs: dict) -> dict:
     """``transformer_options`` of a DIFFUSION_MODEL / APPLY_MODEL wrapper call.

@@ -4,6 +4,13 @@ Data flow: node inputs -> ``EncoderPropagationConfig`` (validated at node execut
 ``EncoderPropagationRun`` made in the ``OUTER_SAMPLE`` wrapper (plan from the run's ``sample_sigmas``, engine,
 optional noise-injecting sampler) and dropped in ``finally`` -> one engine call per ``DIFFUSION_MODEL`` call
 -> one log line per run.
+
+Chained with Attention Map Reuse (either order): a decoder-only pass is one forward of its own step, so the
+attention node applies that step's schedule bit to the decoder's attention layers (the encoder's layers do not
+run). A parallel decoder batch tags its ``transformer_options`` with ``comfy_steps.DECODER_STEPS_KEY``, the step
+of each block of rows (``unet_decoder.ComfyUNetHost.decode``); the attention node splits such calls by rows and
+applies each step's bit to its block, in step order, so parallel and sequential decoding stay equivalent.
+Predictions served from a parallel batch run no attention at all (the batch already applied their steps' bits).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Decoder-only passes walk ``output_blocks`` exactly as ``UNetModel._forward`` doe
 ``forward_timestep_embed`` and ``apply_control``, running other packs' ``emb_patch`` and ``output_block_patch``
 patches, ControlNet output residuals, SDXL's ``label_emb(y)`` and the ``block`` / ``transformer_index`` /
 ``original_shape`` keys that block and attention patches read. The time embedding is recomputed for the
-decoder's own timesteps. Nothing else of ``_forward`` is repeated.
+decoder's own timesteps. Nothing else of ``_forward`` is repeated. A parallel decoder batch (several steps'
+decoders in one batch) also carries ``comfy_steps.DECODER_STEPS_KEY``: the step of each block of rows.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..reuse_core.encoder_propagation import EncoderFeatures
+from .comfy_steps import DECODER_STEPS_KEY
 
 UNET_ARG_NAMES = ("x", "timesteps", "context", "y", "control", "transformer_options")
 
@@ -136,11 +138,15 @@ class ComfyUNetHost:
         options = dict(self.options)
         rows = features.batch_size
         call_rows = features.meta["input_shape"][0]
+        options.pop(DECODER_STEPS_KEY, None)
         if rows != call_rows:  # a parallel batch: n blocks of this call's cond chunks
             repeat = rows // call_rows
             for key in ("cond_or_uncond", "uuids"):
                 if isinstance(options.get(key), list):
                     options[key] = options[key] * repeat
+            # Per-step machinery inside the decoder (Attention Map Reuse) must know which rows are which step.
+            known = features.steps is not None and len(features.steps) == repeat
+            options[DECODER_STEPS_KEY] = tuple(features.steps) if known else (None,) * repeat
         options["original_shape"] = [rows, *features.meta["input_shape"][1:]]
         options["transformer_index"] = features.meta["transformer_index"]
         patches = options.get("patches", {})

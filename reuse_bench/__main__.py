@@ -21,6 +21,12 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timing repeats per method (default 5; quick 1)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument(
+        "--stored-phast",
+        action="store_true",
+        help="full run: use the PHAST schedules stored in assets/phast_schedules.json (made by "
+        "`python -m reuse_bench.phast_search`, the same deterministic search) instead of searching again",
+    )
+    p.add_argument(
         "--comfyui",
         type=Path,
         default=None,
@@ -60,7 +66,7 @@ def main(argv=None) -> int:
     from .bench import BenchSettings, run_bench
     from .report import write_all
 
-    settings = BenchSettings.for_mode(args.quick, args.repeats)
+    settings = BenchSettings.for_mode(args.quick, args.repeats, search_phast=not args.stored_phast)
     start = time.perf_counter()
 
     def progress(total):

@@ -45,10 +45,10 @@ class BenchSettings:
     search_phast: bool = True  # full run: search here; quick: use the stored search result
 
     @classmethod
-    def for_mode(cls, quick: bool, repeats: int | None = None) -> BenchSettings:
+    def for_mode(cls, quick: bool, repeats: int | None = None, search_phast: bool = True) -> BenchSettings:
         if quick:
             return cls(quick=True, labels=(0, 3, 7, 9), seeds=(0, 1, 2, 3), repeats=repeats or 1, search_phast=False)
-        return cls(repeats=repeats or 5)
+        return cls(repeats=repeats or 5, search_phast=search_phast)
 
     def __post_init__(self):
         if self.repeats < 1:

@@ -28,6 +28,9 @@ Host API
         kind=None,              # "self" / "cross", or None: self when q and k have the same token count
         mask=None,              # optional attention mask (bool True = attend, or additive)
     )
+    # a call whose batch holds several steps (equal blocks of rows, e.g. a parallel decoder batch of
+    # encoder propagation): each block follows its own step's bit, see ``attention_steps``
+    out = run.attention_steps(fused_on, q, k, v, heads=heads, row_steps=(5, 6, 7), layer_key=..., ...)
     ...
     line = run.summary(wall_s)                         # one log line for the run
     run.reset()                                        # drop maps; ready for another run
@@ -44,7 +47,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -122,11 +125,14 @@ class AttentionReuseRun:
         self.cache = AttentionCache(config.budget_bytes, device=device)
         self.stats = ReuseStats()
         self._warned: set[str] = set()
+        # step that stored each cache entry: a reuse step may only read what its schedule source step kept
+        self._stored_at: dict[Hashable, int] = {}
 
     def reset(self) -> None:
         self.cache.reset()
         self.stats = ReuseStats()
         self._warned = set()
+        self._stored_at = {}
 
     def action(self, step: int | None) -> Action:
         if step is None or not 0 <= step < len(self.plan):
@@ -172,7 +178,10 @@ class AttentionReuseRun:
             stats.computed += 1
             return fused()
         if action is Action.REUSE:
-            out = self._reuse(key, q, k, v, heads, layout, output_layout)
+            # An entry kept at an earlier store step is stale when the source step's forward never reached us
+            # (another cache such as EasyCache skipped it): compute rather than reuse older attention.
+            fresh_entry = self._stored_at.get(key) == self.schedule.source_step(step)
+            out = self._reuse(key, q, k, v, heads, layout, output_layout) if fresh_entry else None
             if out is not None:
                 stats.reused += 1
                 stats.steps_reused.add(step)
@@ -184,9 +193,96 @@ class AttentionReuseRun:
                 f"step {step}; computing it instead (further fallbacks are counted, not logged)",
             )
             return fused()
-        return self._store(fused, key, q, k, v, heads, layout, output_layout, mask)
+        return self._store(fused, key, step, q, k, v, heads, layout, output_layout, mask)
 
-    def _store(self, fused, key, q, k, v, heads, layout, output_layout, mask) -> torch.Tensor:
+    def attention_steps(
+        self,
+        fused_on: Callable[..., torch.Tensor],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        heads: int,
+        row_steps: Sequence[int | None],
+        layer_key: Hashable,
+        chunk_key: Hashable = (),
+        layout: str = "bnc",
+        output_layout: str | None = None,
+        kind: str | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One attention call whose batch holds several sampling steps (a parallel decoder batch).
+
+        The rows are ``len(row_steps)`` equal blocks, block ``j`` at step ``row_steps[j]`` (None: unknown, computed
+        fresh). ``fused_on(q, k, v, mask)`` runs the host's normal attention on any rows of the call. Each block
+        follows its own step's schedule bit, in block order, so a block can reuse what the block before it just
+        stored: the same decisions as decoding those steps one after the other, at the same cache keys. When no
+        block stores or reuses, the whole batch runs as one fused call. A batch that cannot be split evenly (or
+        whose mask has another batch size) is computed fresh as a whole and never touches the cache.
+        """
+        output_layout = output_layout or layout
+        stats = self.stats
+        n, rows = len(row_steps), q.shape[0]
+        whole = (q, k, v, mask)
+        if n == 1:
+            return self.attention(
+                lambda: fused_on(*whole),
+                q,
+                k,
+                v,
+                heads=heads,
+                step=row_steps[0],
+                layer_key=layer_key,
+                chunk_key=chunk_key,
+                layout=layout,
+                output_layout=output_layout,
+                kind=kind,
+                mask=mask,
+            )
+        masks = _split_mask(mask, n, rows)
+        if n == 0 or rows % n or k.shape[0] != rows or v.shape[0] != rows or masks is None:
+            stats.fresh += max(n, 1)
+            self._warn_once(
+                "split",
+                f"attention reuse: a {rows}-row batch of {n} steps cannot be split by step; computing its "
+                "attention fresh (further cases are counted, not logged)",
+            )
+            return fused_on(*whole)
+        if kind is None:
+            token_dim = 2 if layout == "bhnd" else 1
+            kind = "self" if q.shape[token_dim] == k.shape[token_dim] else "cross"
+        if not self.config.targets_kind(kind):
+            stats.untargeted += n
+            return fused_on(*whole)
+        if all(step is None or self.action(step) is Action.COMPUTE for step in row_steps):
+            for step in row_steps:
+                if step is None:
+                    stats.fresh += 1
+                else:
+                    stats.computed += 1
+                    stats.layers.add(layer_key)
+            return fused_on(*whole)
+        size = rows // n
+        outs = []
+        for j, step in enumerate(row_steps):
+            part = (*(t[j * size : (j + 1) * size] for t in (q, k, v)), masks[j])
+            outs.append(
+                self.attention(
+                    lambda part=part: fused_on(*part),
+                    *part[:3],
+                    heads=heads,
+                    step=step,
+                    layer_key=layer_key,
+                    chunk_key=chunk_key,
+                    layout=layout,
+                    output_layout=output_layout,
+                    kind=kind,
+                    mask=part[3],
+                )
+            )
+        return torch.cat(outs, dim=0)
+
+    def _store(self, fused, key, step, q, k, v, heads, layout, output_layout, mask) -> torch.Tensor:
         stats, cache = self.stats, self.cache
         if self.config.mode == "output":
             out = fused()
@@ -204,7 +300,9 @@ class AttentionReuseRun:
                 out = fused()
         if stored:
             stats.stored += 1
+            self._stored_at[key] = step
         else:
+            self._stored_at.pop(key, None)
             stats.refused += 1
             self._warn_once(
                 "budget",
@@ -241,3 +339,13 @@ class AttentionReuseRun:
         if wall_s is not None:
             parts.append(f"wall {wall_s:.2f} s")
         return "Attention Map Reuse: " + ", ".join(parts)
+
+
+def _split_mask(mask: torch.Tensor | None, n: int, rows: int) -> list[torch.Tensor | None] | None:
+    """The mask of each of ``n`` row blocks, or None when the mask's batch cannot be split that way."""
+    if mask is None or mask.ndim < 3 or mask.shape[0] == 1:
+        return [mask] * n  # shared by every row
+    if mask.shape[0] != rows or n == 0 or rows % n:
+        return None
+    size = rows // n
+    return [mask[j * size : (j + 1) * size] for j in range(n)]

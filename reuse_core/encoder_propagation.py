@@ -24,6 +24,8 @@ classifier-free guidance: uncond and cond rows).
     every batch-first tensor in ``extra`` come with batch ``n * B`` laid out as ``n`` blocks of ``B`` rows
     (block ``j`` = step ``j`` of the batch), and the result is ``[n * B, ...]`` in the same layout. A decoder
     must treat rows independently (the usual case: convolutions, norms and attention act per sample).
+    ``features.steps`` then names the sampling step of each block (``None`` for a single-step decode), so a
+    host can tell per-step machinery inside the decoder (e.g. attention reuse) which rows belong to which step.
 
 Optional: ``full_forward(x, timesteps, context, *, capture, **extra) -> (prediction, EncoderFeatures | None)``
     One native forward pass that also returns the features when ``capture`` is True. Hosts whose framework
@@ -53,7 +55,7 @@ and with every step a key step every call is a plain full forward.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -70,6 +72,8 @@ class EncoderFeatures:
     skips: tuple[torch.Tensor, ...]
     middle: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    # Set by the engine on the features of a parallel decoder batch: the step index of each block of rows.
+    steps: tuple[int, ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -136,11 +140,14 @@ class EncoderPropagationEngine:
         self.step_timesteps = [float(t) for t in step_timesteps]
         self.parallel = parallel
         self._features: dict[Hashable, EncoderFeatures] = {}
+        # step whose full pass produced each cache entry: detects key steps that never reached the engine
+        self._features_step: dict[Hashable, int] = {}
         self._predictions: dict[tuple[Hashable, int], torch.Tensor] = {}
         self.stats = PropagationStats()
 
     def reset(self) -> None:
         self._features.clear()
+        self._features_step.clear()
         self._predictions.clear()
         self.stats = PropagationStats()
 
@@ -148,7 +155,10 @@ class EncoderPropagationEngine:
     def needs_full_pass(self, step: StepMatch | None, cache_key: Hashable) -> bool:
         if step is None or cache_key not in self._features:
             return True
-        return self.plan.is_full(step.index)
+        # A planned full step between the cached features and now was skipped before reaching the engine
+        # (an outer cache such as EasyCache returned early): refresh now rather than decode from older features.
+        since = self._features_step.get(cache_key, -1)
+        return any(self.plan.is_full(i) for i in range(since + 1, step.index + 1))
 
     def wants_features(self, step: StepMatch | None, cache_key: Hashable) -> bool:
         """Should a full pass at ``step`` keep its features? Only if a decoder-only step can follow from it."""
@@ -170,8 +180,10 @@ class EncoderPropagationEngine:
                 del self._predictions[stale]
             if features is None:
                 self._features.pop(cache_key, None)
+                self._features_step.pop(cache_key, None)
             else:
                 self._features[cache_key] = features
+                self._features_step[cache_key] = step.index
 
     # Decoder-only steps ------------------------------------------------------------------------------
     def decode_step(
@@ -205,7 +217,8 @@ class EncoderPropagationEngine:
         # The current step uses the call's own timesteps; later steps use the schedule's (same values).
         all_timesteps = torch.cat([timesteps] + [torch.full_like(timesteps, self.step_timesteps[j]) for j in batch[1:]])
         batched_extra = {name: _tile_if_batched(value, n, rows) for name, value in extra.items()}
-        out = host.decode(features.tile(n), all_timesteps, _tile_if_batched(context, n, rows), **batched_extra)
+        tiled = replace(features.tile(n), steps=tuple(batch))
+        out = host.decode(tiled, all_timesteps, _tile_if_batched(context, n, rows), **batched_extra)
         chunks = out.split(rows)
         if len(chunks) != n:
             raise RuntimeError(f"host decode returned batch {out.shape[0]}, expected {n * rows}")

@@ -67,10 +67,10 @@ def import_comfy():
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401  (after the CPU flag)
-    import comfy.model_patcher  # noqa: F401
-    import comfy.sample  # noqa: F401
-    import comfy.samplers  # noqa: F401
+    import comfy.model_management  # after the CPU flag
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.samplers
 
     return comfy
 
@@ -148,8 +148,9 @@ def tiny_model(kind: str = "sd15", seed: int = 0):
     """A real ComfyUI ``BaseModel``/``SDXL`` around ComfyUI's own ``UNetModel``, in a ``ModelPatcher``."""
     import torch
 
-    comfy = import_comfy()
+    import_comfy()
     import comfy.model_base
+    import comfy.model_patcher
     import comfy.supported_models
 
     if kind == "sd15":

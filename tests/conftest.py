@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from comfy_harness import comfyui_unavailable_reason
 
 # The test models are tiny: one thread is faster than two (OpenMP barriers dominate, badly so on a busy

@@ -234,7 +234,6 @@ class StepProbe:
         return executor(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="compat finding F1: a key step skipped by an outer cache is not refreshed")
 def test_easycache_outside_encoder_propagation_never_decodes_from_a_skipped_key_step(sd15):
     """EasyCache outermost: when it skips a key step, the node must not keep decoding from older features."""
     import comfy.patcher_extension
@@ -278,7 +277,6 @@ class SkipSteps:
         return self.last
 
 
-@pytest.mark.xfail(strict=True, reason="compat finding F2: a skipped store step leaves older attention to be reused")
 @pytest.mark.parametrize("mode", ["map", "output"])
 def test_attention_reuse_never_uses_a_map_older_than_its_schedule(sd15, mode):
     """Schedule 1110110000: step 3 reuses step 2, steps 6-9 reuse step 5. A forward-skipping cache inside the
