@@ -158,7 +158,7 @@ class EncoderPropagationEngine:
         # A planned full step between the cached features and now was skipped before reaching the engine
         # (an outer cache such as EasyCache returned early): refresh now rather than decode from older features.
         since = self._features_step.get(cache_key, -1)
-        return any(self.plan.is_full(i) for i in range(since + 1, step.index + 1))
+        return self.plan.is_full(step.index) or any(self.plan.is_full(i) for i in range(since + 1, step.index))
 
     def wants_features(self, step: StepMatch | None, cache_key: Hashable) -> bool:
         """Should a full pass at ``step`` keep its features? Only if a decoder-only step can follow from it."""

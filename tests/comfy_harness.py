@@ -110,6 +110,10 @@ def _init_weights(model, seed: int, std: float = 0.02):
             param.data.zero_()
         else:
             param.data.copy_(torch.randn(param.shape, generator=gen) * std)
+    # Checkpoint-loaded buffers (SD3's pos_embed) are torch.empty too: garbage or NaN until initialised.
+    for name, buffer in model.named_buffers():
+        if name.endswith("pos_embed") and buffer.is_floating_point():
+            buffer.copy_(torch.randn(buffer.shape, generator=gen) * std)
 
 
 TINY_SD15_CONFIG = dict(
