@@ -187,10 +187,17 @@ class AttentionReuseRun:
                 stats.steps_reused.add(step)
                 return out
             stats.fallbacks += 1
+            source = self.schedule.source_step(step)
+            why = (
+                "its shape does not match this call"
+                if fresh_entry
+                else f"the layer stored nothing at step {source} (it did not run there, e.g. encoder propagation "
+                "or a step cache skipped it, or its store was refused, see memory_budget_mb)"
+            )
             self._warn_once(
                 "fallback",
-                f"attention reuse: no usable cached {self.config.mode} for a layer at "
-                f"step {step}; computing it instead (further fallbacks are counted, not logged)",
+                f"attention reuse: no usable cached {self.config.mode} for a layer at step {step}: {why}; "
+                "computing it instead (further fallbacks are counted, not logged)",
             )
             return fused()
         return self._store(fused, key, step, q, k, v, heads, layout, output_layout, mask)

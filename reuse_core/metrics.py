@@ -34,8 +34,9 @@ def _gaussian_window(size: int, sigma: float, channels: int, dtype, device) -> t
     return window.expand(channels, 1, size, size).contiguous()
 
 
-def ssim(image: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0, window_size: int = 11,
-         sigma: float = 1.5) -> float:
+def ssim(
+    image: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0, window_size: int = 11, sigma: float = 1.5
+) -> float:
     """Mean structural similarity (Wang et al. 2004, Gaussian 11x11, sigma 1.5) over ``[B, C, H, W]``."""
     if image.shape != reference.shape:
         raise ValueError(f"shape mismatch: {tuple(image.shape)} vs {tuple(reference.shape)}")

@@ -181,15 +181,37 @@ def conditioning(kind: str = "sd15", seed: int = 1, batch: int = 1, tokens: int 
     extra_pos, extra_neg = {}, {}
     if kind == "sdxl":
         for extra in (extra_pos, extra_neg):
-            extra.update(pooled_output=torch.randn(batch, 1280, generator=gen), width=128, height=128,
-                         crop_w=0, crop_h=0, target_width=128, target_height=128)
+            extra.update(
+                pooled_output=torch.randn(batch, 1280, generator=gen),
+                width=128,
+                height=128,
+                crop_w=0,
+                crop_h=0,
+                target_width=128,
+                target_height=128,
+            )
     positive = [[torch.randn(batch, tokens, dim, generator=gen), extra_pos]]
     negative = [[torch.randn(batch, tokens, dim, generator=gen) * 0.1, extra_neg]]
     return positive, negative
 
 
-def sample(patcher, *, steps=6, cfg=5.0, sampler="euler", scheduler="normal", seed=0, batch=1, size=16,
-           kind="sd15", denoise=1.0, positive=None, negative=None, latent=None, **kwargs):
+def sample(
+    patcher,
+    *,
+    steps=6,
+    cfg=5.0,
+    sampler="euler",
+    scheduler="normal",
+    seed=0,
+    batch=1,
+    size=16,
+    kind="sd15",
+    denoise=1.0,
+    positive=None,
+    negative=None,
+    latent=None,
+    **kwargs,
+):
     """Run ``comfy.sample.sample`` on the tiny model; returns the final latent."""
     import torch
 
@@ -199,5 +221,18 @@ def sample(patcher, *, steps=6, cfg=5.0, sampler="euler", scheduler="normal", se
     noise = comfy.sample.prepare_noise(latent, seed)
     if positive is None or negative is None:
         positive, negative = conditioning(kind, batch=1)
-    return comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                               denoise=denoise, seed=seed, disable_pbar=True, **kwargs)
+    return comfy.sample.sample(
+        patcher,
+        noise,
+        steps,
+        cfg,
+        sampler,
+        scheduler,
+        positive,
+        negative,
+        latent,
+        denoise=denoise,
+        seed=seed,
+        disable_pbar=True,
+        **kwargs,
+    )

@@ -119,6 +119,30 @@ def test_engine_budget_fallback_and_intermediate_steps():
     assert run.stats.fresh == 1
 
 
+def test_engine_fallback_says_why_nothing_was_reused(caplog):
+    def call(run, step, seed, nq=64):
+        q, k, v = qkv(seed=seed, nq=nq)
+        fused_out = F.scaled_dot_product_attention(q, k, v)
+        out = run.attention(lambda: fused_out, q, k, v, heads=4, step=step, layer_key=0, layout="bhnd")
+        return out, fused_out
+
+    # Step 2 (the source of reuse step 3) never reaches the layer, as when another cache skips it: step 3 must not
+    # reuse step 0's older output, and the warning names the missing source step.
+    run = AttentionReuseRun(AttentionReuseConfig(mode="output"), parse_bits("1010"))
+    call(run, 0, seed=0)
+    call(run, 1, seed=1)
+    out, fused_out = call(run, 3, seed=3)
+    assert out is fused_out and run.stats.fallbacks == 1 and run.stats.reused == 1
+    assert "at step 3: the layer stored nothing at step 2" in caplog.text
+
+    caplog.clear()
+    run = AttentionReuseRun(AttentionReuseConfig(mode="output"), parse_bits("10"))
+    call(run, 0, seed=0)
+    out, fused_out = call(run, 1, seed=1, nq=32)  # e.g. a different resolution at the reuse step
+    assert out is fused_out and run.stats.fallbacks == 1
+    assert "at step 1: its shape does not match this call" in caplog.text
+
+
 def test_engine_targets_and_chunks():
     run = AttentionReuseRun(AttentionReuseConfig(mode="output", targets="cross"), hurry(2, 1))
     outs, fused = drive(run, 2, seeds=[0, 1], mode_kind="self")
