@@ -149,10 +149,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     run: EncoderPropagationRun | None = options.get(RUN_STATE_KEY)
     if run is None:  # not inside a sampler run of this model
         return executor(*args, **kwargs)
-    net = executor.class_obj
-    reason = unsupported_reason(net)
-    if reason:
-        raise TypeError(reason)
+    net = executor.class_obj  # checked once per run by the OUTER_SAMPLE wrapper
     x, control = named["x"], named["control"]
     host = ComfyUNetHost(executor, net, control, options, extras)
     return run.engine.predict(

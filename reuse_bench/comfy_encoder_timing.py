@@ -30,33 +30,23 @@ import argparse
 import importlib
 import importlib.util
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 from . import sd15_comfy
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-PACK_MODULE = "comfyui_reuse"
 PRESETS = (("paper", 4), ("uniform", 2), ("uniform", 3), ("uniform", 4), ("one_pass", 4))
 
 
-def load_pack():
-    """Import this repository as the custom-node package ComfyUI would load (after ComfyUI is importable)."""
-    if PACK_MODULE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            PACK_MODULE, REPO_DIR / "__init__.py", submodule_search_locations=[str(REPO_DIR)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_MODULE] = module
-        spec.loader.exec_module(module)
+def load_pack(comfy_path=None):
+    """The pack's encoder-propagation modules, imported as ComfyUI would load the pack."""
+    package = sd15_comfy.load_pack(comfy_path).__name__
     return {
-        "node": importlib.import_module(f"{PACK_MODULE}.nodes.encoder_propagation"),
-        "host": importlib.import_module(f"{PACK_MODULE}.nodes.unet_decoder"),
-        "engine": importlib.import_module(f"{PACK_MODULE}.reuse_core.encoder_propagation"),
-        "keys": importlib.import_module(f"{PACK_MODULE}.reuse_core.key_steps"),
+        "node": importlib.import_module(f"{package}.nodes.encoder_propagation"),
+        "host": importlib.import_module(f"{package}.nodes.unet_decoder"),
+        "engine": importlib.import_module(f"{package}.reuse_core.encoder_propagation"),
+        "keys": importlib.import_module(f"{package}.reuse_core.key_steps"),
     }
 
 
@@ -142,8 +132,7 @@ def end_to_end(patcher, pack, *, steps: int, size: int, encoder_share: float) ->
 
 def run(comfy_path=None, quick: bool = False) -> list[dict]:
     """Both parts; returns row dicts (``table`` = ``"unet"`` or ``"end_to_end"``)."""
-    sd15_comfy.import_comfy(comfy_path)
-    pack = load_pack()
+    pack = load_pack(comfy_path)
     patcher = sd15_comfy.build_sd15(comfy_path)
     sizes, repeats, steps, e2e_size = ((64,), 1, 4, 64) if quick else ((256, 512), 3, 20, 256)
     rows = [unet_timings(patcher, pack, size, repeats) for size in sizes]

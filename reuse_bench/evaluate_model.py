@@ -19,8 +19,9 @@ from .sampling import DEFAULT_GUIDANCE, SampleSpec, sample
 SEED_BASE = 10000
 
 
-def class_accuracy(per_class: int, steps: int, guidance: float = DEFAULT_GUIDANCE, batch: int = 50) -> dict:
-    model, classifier = load_builtin_model(), load_classifier()
+def class_accuracy(
+    model, classifier, per_class: int, steps: int, guidance: float = DEFAULT_GUIDANCE, batch: int = 50
+) -> dict:
     labels = [c for _ in range(per_class) for c in range(10)]
     predicted = []
     for start in range(0, len(labels), batch):
@@ -46,8 +47,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    model, classifier = load_builtin_model(), load_classifier()
     for steps in args.steps:
-        print(json.dumps(class_accuracy(args.per_class, steps, args.guidance)), flush=True)
+        print(json.dumps(class_accuracy(model, classifier, args.per_class, steps, args.guidance)), flush=True)
 
 
 if __name__ == "__main__":

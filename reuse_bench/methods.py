@@ -193,12 +193,17 @@ class Method:
     settings: dict = field(default_factory=dict)
 
 
+def attention_config(mode: str) -> AttentionReuseConfig:
+    """The attention-reuse settings of every bench row and of the PHAST search (so the two never drift apart)."""
+    return AttentionReuseConfig(mode=mode, targets="both", memory_budget_mb=4096)
+
+
 def reference(steps: int) -> Method:
     return Method(f"DDIM {steps} (full compute)", "reference", steps, StepPredictor, {"steps": steps})
 
 
 def attention_method(name: str, steps: int, schedule: ReuseSchedule, mode: str) -> Method:
-    config = AttentionReuseConfig(mode=mode, targets="both", memory_budget_mb=4096)
+    config = attention_config(mode)
     return Method(
         f"{name}, {mode}",
         "attention",
@@ -228,7 +233,7 @@ def combined_method(steps: int, keys: KeyStepSpec, schedule: ReuseSchedule, mode
     encoder = EncoderPropagationConfig(
         key_steps=keys, parallel_decoding=False, injection=PriorNoiseInjection(PAPER_ALPHA, PAPER_TAU)
     )
-    attention = AttentionReuseConfig(mode=mode, targets="both", memory_budget_mb=4096)
+    attention = attention_config(mode)
     return Method(
         f"Both: encoder {keys.preset} + PHAST searched {mode}",
         "both",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 HELD_OUT_PER_CLASS = 50
 
@@ -39,3 +40,11 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
     """uint8 28x28 -> float ``[N, 1, 32, 32]`` in [-1, 1], zero-padded (background = -1) to 32x32."""
     x = torch.from_numpy(images).float().div(127.5).sub(1.0)[:, None]
     return torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+
+
+def shifted(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Shift each image by -max_shift..max_shift pixels in x and y (background -1 fills in): training augmentation."""
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    h, w = x.shape[-2:]
+    offsets = torch.randint(0, 2 * max_shift + 1, (x.shape[0], 2), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 
-from reuse_core.attention_reuse import AttentionReuseConfig
 from reuse_core.phast import phast_search
 from reuse_core.schedules import ReuseSchedule
 
 from .builtin_model import ASSETS, BuiltinModel, load_builtin_model
-from .methods import AttentionReusePredictor
+from .methods import AttentionReusePredictor, attention_config
 from .sampling import DEFAULT_GUIDANCE, SampleSpec, sample
 
 STORE_PATH = ASSETS / "phast_schedules.json"
@@ -38,7 +37,7 @@ def search(
     progress=None,
 ) -> dict:
     spec = SampleSpec(SEARCH_LABELS, SEARCH_SEEDS, steps, DEFAULT_GUIDANCE)
-    config = AttentionReuseConfig(mode=mode, targets="both", memory_budget_mb=4096)
+    config = attention_config(mode)
 
     def run(schedule: ReuseSchedule) -> torch.Tensor:
         if progress is not None:

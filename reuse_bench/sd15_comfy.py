@@ -28,19 +28,15 @@ API
     the model calls of that step; CFG cond+uncond are one batch-2 call on the CPU). Step times come from an
     ``APPLY_MODEL`` wrapper on a clone, so wrapper- and override-based patches (this pack's nodes) are timed
     as they really run.
-``time_unet_forward(patcher, *, step, steps, size=256, batch=2, repeats=3, scheduler="normal") -> float``
-    Median seconds of one bare ``BaseModel.apply_model`` call at the sigma of ``step`` of a ``steps``-step
-    schedule, batch ``batch`` (2 = CFG). Bare calls see the patcher's patches but not its wrappers, so use
-    it for unpatched/baseline timings and use ``sample(..., record_step_times=True)`` for patched models.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +92,15 @@ def import_comfy(comfy_path: str | os.PathLike | None = None):
     """Import ComfyUI in CPU mode (once per process) and return the ``comfy`` package."""
     if "comfy.model_patcher" in sys.modules:
         import comfy
+        import comfy.cli_args
 
+        if not comfy.cli_args.args.use_pytorch_cross_attention:
+            # ComfyUI picks its attention backend at import: too late to switch to the fused kernel now.
+            warnings.warn(
+                "ComfyUI was imported before reuse_bench.sd15_comfy: timings use ComfyUI's CPU attention default, "
+                "not PyTorch SDPA; run the benchmark in a fresh process",
+                stacklevel=2,
+            )
         return comfy
     root = _comfy_root(comfy_path)
     if not _torchvision_importable():
@@ -240,38 +244,3 @@ def sample(
     wall = time.perf_counter() - start
     step_times = [times.get(i, 0.0) for i in range(steps)] if record_step_times else []
     return SampleResult(out, wall, step_times)
-
-
-def time_unet_forward(
-    patcher,
-    *,
-    step: int,
-    steps: int,
-    size: int = 256,
-    batch: int = 2,
-    repeats: int = 3,
-    scheduler: str = "normal",
-    seed: int = 0,
-) -> float:
-    """Median seconds of one bare ``apply_model`` call at ``step`` (see the module docstring)."""
-    import_comfy()
-    import comfy.model_management
-    import comfy.samplers
-
-    comfy.model_management.load_models_gpu([patcher])
-    model = patcher.model
-    sigmas = comfy.samplers.calculate_sigmas(model.model_sampling, scheduler, steps)
-    sigma = sigmas[step].reshape(1).repeat(batch)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, size // 8, size // 8, generator=gen) * float(sigmas[step])
-    context = torch.randn(batch, 77, 768, generator=gen)
-    options = dict(patcher.model_options.get("transformer_options", {}))
-    options["sigmas"] = sigma
-    options["sample_sigmas"] = sigmas
-    durations = []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model.apply_model(x, sigma, c_crossattn=context, transformer_options=options)
-            durations.append(time.perf_counter() - start)
-    return statistics.median(durations)

@@ -15,14 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .digit_classifier import RECORD_PATH, WEIGHTS_PATH, DigitClassifier
-from .mnist_data import load_mnist_5k, split, to_model_range
-
-
-def shifted(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
-    h, w = x.shape[-2:]
-    offsets = torch.randint(0, 2 * max_shift + 1, (x.shape[0], 2), generator=gen).tolist()
-    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
+from .mnist_data import load_mnist_5k, shifted, split, to_model_range
 
 
 def main(argv=None) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import builtin_model as bm
-from .mnist_data import load_mnist_5k, split, to_model_range
+from .mnist_data import load_mnist_5k, shifted, split, to_model_range
 
 
 def parse_args(argv=None):
@@ -52,16 +52,6 @@ def parse_args(argv=None):
 def lr_at(step: int, args) -> float:
     """Linear warm-up, then constant: a run stopped at step N equals a run made with ``--steps N``."""
     return args.lr * min(1.0, (step + 1) / args.warmup)
-
-
-def random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Shift each image by -1..1 pixels in x and y (background -1 fills in)."""
-    shifts = torch.randint(-1, 2, (x.shape[0], 2), generator=gen)
-    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
-    h, w = x.shape[-2:]
-    return torch.stack(
-        [padded[i, :, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for i, (dy, dx) in enumerate(shifts.tolist())]
-    )
 
 
 def main(argv=None) -> None:
@@ -123,7 +113,7 @@ def main(argv=None) -> None:
     running = None
     while step < args.steps:
         idx = torch.randint(0, data.shape[0], (args.batch,), generator=gen)
-        x0 = random_shift(data[idx], gen)
+        x0 = shifted(data[idx], gen, max_shift=1)
         y = targets[idx].clone()
         y[torch.rand(args.batch, generator=gen) < args.cfg_dropout] = bm.NULL_CLASS
         t = torch.randint(0, alphas_cumprod.shape[0], (args.batch,), generator=gen)

@@ -121,6 +121,8 @@ class AttentionReuseRun:
             Action.REUSE if not schedule.computes(i) else Action.STORE if store[i] else Action.COMPUTE
             for i in range(schedule.steps)
         )
+        # per step: the compute step whose attention it uses (itself when it computes)
+        self._sources = tuple(schedule.source_step(i) for i in range(schedule.steps))
         device = "cpu" if config.cache_device == "cpu" else None
         self.cache = AttentionCache(config.budget_bytes, device=device)
         self.stats = ReuseStats()
@@ -180,14 +182,14 @@ class AttentionReuseRun:
         if action is Action.REUSE:
             # An entry kept at an earlier store step is stale when the source step's forward never reached us
             # (another cache such as EasyCache skipped it): compute rather than reuse older attention.
-            fresh_entry = self._stored_at.get(key) == self.schedule.source_step(step)
+            source = self._sources[step]
+            fresh_entry = self._stored_at.get(key) == source
             out = self._reuse(key, q, k, v, heads, layout, output_layout) if fresh_entry else None
             if out is not None:
                 stats.reused += 1
                 stats.steps_reused.add(step)
                 return out
             stats.fallbacks += 1
-            source = self.schedule.source_step(step)
             why = (
                 "its shape does not match this call"
                 if fresh_entry

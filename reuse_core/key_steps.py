@@ -170,7 +170,6 @@ class PropagationPlan:
     """The resolved per-run schedule: which steps run the whole U-Net and how decoder-only steps batch."""
 
     steps: int
-    key_steps: tuple[int, ...]
     full_steps: frozenset[int]
     decode_batches: tuple[tuple[int, ...], ...]
 
@@ -194,10 +193,6 @@ class PropagationPlan:
     def decoder_only_steps(self) -> int:
         return self.steps - len(self.full_steps)
 
-    def describe(self) -> str:
-        keys = sorted(self.full_steps)
-        return f"{len(keys)}/{self.steps} full steps {keys}, {len(self.decode_batches)} decode batches"
-
 
 def make_plan(
     spec: KeyStepSpec, steps: int, window: Sequence[bool] | None = None, max_batch: int = 4
@@ -208,4 +203,4 @@ def make_plan(
         raise ValueError(f"window: needs one flag per step ({steps}), got {len(window)}")
     outside = {i for i in range(steps) if window is not None and not window[i]}
     full = frozenset(set(keys) | outside)
-    return PropagationPlan(steps, keys, full, group_non_key_steps(steps, full, max_batch))
+    return PropagationPlan(steps, full, group_non_key_steps(steps, full, max_batch))

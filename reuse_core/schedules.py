@@ -82,10 +82,6 @@ class ReuseSchedule:
     def reuse_count(self) -> int:
         return self.bits.count(0)
 
-    @property
-    def compute_count(self) -> int:
-        return self.bits.count(1)
-
     def computes(self, step: int) -> bool:
         return self.bits[step] == 1
 

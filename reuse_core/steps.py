@@ -30,7 +30,7 @@ def match_step(sigma: float | torch.Tensor, sample_sigmas: torch.Tensor, rtol: f
     """Locate ``sigma`` in ``sample_sigmas`` (length steps + 1, descending, usually ending at 0)."""
     if isinstance(sigma, torch.Tensor):
         sigma = float(sigma.flatten()[0])
-    schedule = [float(s) for s in sample_sigmas.flatten()]
+    schedule = sample_sigmas.flatten().tolist()  # one device sync per call, not one per sigma
     if len(schedule) < 2:
         raise ValueError("sample_sigmas must hold at least two values (steps + 1)")
     steps = len(schedule) - 1

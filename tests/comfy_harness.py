@@ -99,6 +99,28 @@ def pack_node(name: str):
     raise KeyError(name)
 
 
+def node_inputs(node, **overrides) -> dict:
+    """Every widget input of ``node`` at its schema default, with ``overrides`` (an unknown name is an error)."""
+    values = {i.id: i.default for i in node.define_schema().inputs if i.id != "model"}
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise KeyError(f"{node.__name__} has no inputs {sorted(unknown)}")
+    return {**values, **overrides}
+
+
+def sharpen_attention(patcher, factor=10.0):
+    """The tiny test nets start with near-uniform attention; scale q/k so maps carry information."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in patcher.model.named_parameters():
+            if name.endswith(("to_q.weight", "to_k.weight")):
+                param.mul_(factor)
+            elif name.endswith(".scale"):  # DiT q/k RMSNorm scales: random init would flatten the maps
+                param.fill_(1.0)
+    return patcher
+
+
 def _init_weights(model, seed: int, std: float = 0.02):
     import torch
 

@@ -19,7 +19,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 from comfy_harness import (
     PACK_DIR,
@@ -37,15 +36,6 @@ COMPAT_NODES_DIR = Path(__file__).resolve().parent / "compat_nodes"
 LATENT_STASH: dict[str, torch.Tensor] = {}
 # How often each test-only source node really executed (not served from ComfyUI's cache), by node type.
 EXECUTION_COUNTS: dict[str, int] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Tiny-model sampling is dominated by per-op overhead: one thread is faster, and far faster on a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------------------------------ model

@@ -11,17 +11,8 @@ import torch
 
 from reuse_core.metrics import psnr
 
-DEFAULTS = dict(
-    strategy="hurry",
-    reuse_steps=0,
-    reuse_fraction=0.0,
-    custom_schedule="1",
-    attention="both",
-    mode="map",
-    cache_device="same as model",
-    memory_budget_mb=2048,
-    verbose=False,
-)
+# Off by default here: each test states the reuse it wants.
+NO_REUSE = dict(strategy="hurry", reuse_steps=0, custom_schedule="1")
 
 
 @pytest.fixture(scope="module")
@@ -30,24 +21,13 @@ def node(comfy):
     return importlib.import_module("comfyui_reuse.nodes.attention_reuse").AttentionMapReuse
 
 
-def sharpen_attention(patcher, factor=10.0):
-    """The tiny test nets start with near-uniform attention; scale q/k so maps carry information."""
-    with torch.no_grad():
-        for name, param in patcher.model.named_parameters():
-            if name.endswith(("to_q.weight", "to_k.weight")):
-                param.mul_(factor)
-            elif name.endswith(".scale"):  # DiT q/k RMSNorm scales: random init would flatten the maps
-                param.fill_(1.0)
-    return patcher
-
-
 @pytest.fixture(scope="module")
 def sd15(comfy):
-    return sharpen_attention(h.tiny_model("sd15", seed=3))
+    return h.sharpen_attention(h.tiny_model("sd15", seed=3))
 
 
 def patched(node, model, **overrides):
-    return node.execute(model, **{**DEFAULTS, **overrides}).result[0]
+    return node.execute(model, **h.node_inputs(node, **{**NO_REUSE, **overrides})).result[0]
 
 
 def run_lines(caplog):
@@ -183,7 +163,7 @@ def test_existing_override_is_chained(node, sd15):
 
 def test_sdxl(node, comfy, caplog):
     caplog.set_level(logging.INFO)
-    model = sharpen_attention(h.tiny_model("sdxl", seed=4))
+    model = h.sharpen_attention(h.tiny_model("sdxl", seed=4))
     full = h.sample(model, steps=6, kind="sdxl")
     assert torch.equal(h.sample(patched(node, model), steps=6, kind="sdxl"), full)
     reused = h.sample(patched(node, model, reuse_steps=2), steps=6, kind="sdxl")
@@ -233,7 +213,7 @@ def _dit(kind):
     model = model_class(config, device=torch.device("cpu"))
     h._init_weights(model, 0, 0.1)
     cpu = torch.device("cpu")
-    patcher = sharpen_attention(comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu))
+    patcher = h.sharpen_attention(comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu))
     gen = torch.Generator().manual_seed(0)
     conds = [
         [[torch.randn(1, 8, 32, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]] for _ in range(2)

@@ -26,37 +26,9 @@ DECODER_ONLY_REUSE = "11101011"
 DECODER_CALLS_PER_FORWARD = 8  # tiny SD1.5: 4 output blocks x (attn1 + attn2), CFG in one batch
 ATTENTION_LAYERS = 14  # plus 2 input blocks and the middle block: a layer keeps one key at every kind of step
 
-ATTENTION_DEFAULTS = dict(
-    strategy="custom",
-    reuse_steps=0,
-    reuse_fraction=0.0,
-    custom_schedule="1",
-    attention="both",
-    mode="map",
-    cache_device="same as model",
-    memory_budget_mb=2048,
-    verbose=False,
-)
-ENCODER_DEFAULTS = dict(
-    key_steps="uniform",
-    uniform_k=1,
-    custom_key_steps="0",
-    parallel_decoding=True,
-    max_decoders_per_batch=4,
-    noise_alpha=0.0,
-    noise_tau=600.0,
-    start_percent=0.0,
-    end_percent=1.0,
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: thread start-up dominates, and on a busy 2-core machine two threads can be 100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Each node does nothing until a test asks: no reuse, every step a key step.
+ATTENTION_OFF = dict(strategy="custom", reuse_steps=0, custom_schedule="1")
+ENCODER_OFF = dict(key_steps="uniform", uniform_k=1, custom_key_steps="0", noise_tau=600.0)
 
 
 # Engine: a batch of several steps --------------------------------------------------------------------------
@@ -117,20 +89,15 @@ def nodes(comfy):
 
 @pytest.fixture(scope="module")
 def sd15(comfy):
-    model = h.tiny_model("sd15", seed=3)
-    with torch.no_grad():  # the tiny nets start with near-uniform attention; sharpen it so maps carry information
-        for name, param in model.model.named_parameters():
-            if name.endswith(("to_q.weight", "to_k.weight")):
-                param.mul_(10.0)
-    return model
+    return h.sharpen_attention(h.tiny_model("sd15", seed=3))
 
 
 def with_attention(nodes, model, **settings):
-    return nodes[0].execute(model=model, **{**ATTENTION_DEFAULTS, **settings}).result[0]
+    return nodes[0].execute(model=model, **h.node_inputs(nodes[0], **{**ATTENTION_OFF, **settings})).result[0]
 
 
 def with_encoder(nodes, model, **settings):
-    return nodes[1].execute(model=model, **{**ENCODER_DEFAULTS, **settings}).result[0]
+    return nodes[1].execute(model=model, **h.node_inputs(nodes[1], **{**ENCODER_OFF, **settings})).result[0]
 
 
 def chained(nodes, model, order, attention, encoder):

@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 from comfy_harness import pack_node, sample
-from compat_support import (  # noqa: F401  (single_torch_thread is an autouse fixture)
+from compat_support import (
     ATTENTION_INPUTS,
     ENCODER_INPUTS,
     METHODS,
@@ -27,7 +27,6 @@ from compat_support import (  # noqa: F401  (single_torch_thread is an autouse f
     first_altered_step,
     one_run,
     patcher_snapshot,
-    single_torch_thread,
 )
 
 FIX_HINTS = ("must", "use ", "set ", "give ", "choose", "e.g.", "supported", "remove", "write", "lower")

@@ -16,13 +16,12 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_harness import load_pack, sample
-from compat_support import (  # noqa: F401  (single_torch_thread is an autouse fixture)
+from compat_support import (
     METHODS,
     LogCapture,
     assert_finite,
     compat_model,
     one_run,
-    single_torch_thread,
 )
 
 STEPS = 6

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_harness import conditioning, sample
-from compat_support import (  # noqa: F401  (single_torch_thread is an autouse fixture)
+from compat_support import (
     METHOD_IDS,
     METHODS,
     NODE_METHOD_IDS,
@@ -30,7 +30,6 @@ from compat_support import (  # noqa: F401  (single_torch_thread is an autouse f
     max_abs_diff,
     one_run,
     parse_run_lines,
-    single_torch_thread,
     tiny_controlnet,
     weights_checksum,
     with_controlnet,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_harness import conditioning, sample
-from compat_support import (  # noqa: F401  (single_torch_thread is an autouse fixture)
+from compat_support import (
     METHOD_IDS,
     METHODS,
     NODE_METHOD_IDS,
@@ -29,7 +29,6 @@ from compat_support import (  # noqa: F401  (single_torch_thread is an autouse f
     first_altered_step,
     max_abs_diff,
     one_run,
-    single_torch_thread,
 )
 
 STEPS = 6

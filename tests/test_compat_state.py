@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_harness import sample
-from compat_support import (  # noqa: F401  (single_torch_thread is an autouse fixture)
+from compat_support import (
     LATENT_STASH,
     METHOD_IDS,
     METHODS,
@@ -27,7 +27,6 @@ from compat_support import (  # noqa: F401  (single_torch_thread is an autouse f
     one_run,
     parse_run_lines,
     patcher_snapshot,
-    single_torch_thread,
 )
 
 STEPS = 6

@@ -122,15 +122,6 @@ def make_engine(preset="uniform", k=3, parallel=True, max_batch=4, steps=10):
     return EncoderPropagationEngine(plan, [timestep_of(s) for s in SIGMAS[:-1]], parallel)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: thread start-up dominates, and on a busy 2-core machine two threads can be 100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def net():
     return ToyUNet().eval()

@@ -7,18 +7,9 @@ import re
 
 import pytest
 import torch
-from comfy_harness import load_pack, sample, tiny_model
+from comfy_harness import load_pack, node_inputs, sample, tiny_model
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: thread start-up dominates, and on a busy 2-core machine two threads can be 100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -317,19 +308,8 @@ class TestNode:
         assert pack_node("EncoderFeaturePropagation") is efp.EncoderFeaturePropagation
 
     def execute(self, efp, model, **overrides):
-        values = dict(
-            key_steps="paper",
-            uniform_k=4,
-            custom_key_steps="0,1,2,3,5,10,15,25,35",
-            parallel_decoding=True,
-            max_decoders_per_batch=4,
-            noise_alpha=0.0,
-            noise_tau=500.0,
-            start_percent=0.0,
-            end_percent=1.0,
-        )
-        values.update(overrides)
-        return efp.EncoderFeaturePropagation.execute(model, **values).result[0]
+        node = efp.EncoderFeaturePropagation
+        return node.execute(model, **node_inputs(node, **overrides)).result[0]
 
     def test_execute_clones_and_validates(self, efp, models):
         model = models["sd15"]

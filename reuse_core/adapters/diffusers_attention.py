@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..attention_math import from_heads
 from ..attention_reuse import AttentionReuseConfig, AttentionReuseRun
 from ..schedules import ReuseSchedule
 
@@ -85,7 +86,7 @@ class ReuseAttnProcessor:
             kind="cross" if is_cross else "self",
             mask=attention_mask,
         )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = from_heads(hidden_states, "bnc")
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
