@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from ..reuse_core.attention_reuse import AttentionReuseConfig, AttentionReuseRun
 from ..reuse_core.schedules import ScheduleSpec
-from .comfy_steps import DECODER_STEPS_KEY, step_of_call, transformer_options_of
+from .comfy_steps import DECODER_STEPS_KEY, sigmas_of_sample, step_of_call, transformer_options_of
 
 OPTIONS_KEY = "comfyui_reuse_attention"
 WRAPPER_KEY = "comfyui_reuse_attention"
@@ -225,9 +225,9 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         options = guider.model_options["transformer_options"]
         patch = _patch_of(options)
-        if patch is None:
+        sigmas = sigmas_of_sample(args, kwargs)
+        if patch is None or len(sigmas) < 2:
             return executor(*args, **kwargs)
-        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
         resolved = patch.spec.resolve(len(sigmas) - 1)
         if resolved.note:
             logging.info(f"Attention Map Reuse: {resolved.note}")

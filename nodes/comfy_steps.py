@@ -26,6 +26,15 @@ def transformer_options_of(args: tuple, kwargs: dict) -> dict:
     return {}
 
 
+def sigmas_of_sample(args: tuple, kwargs: dict):
+    """The ``sigmas`` of an OUTER_SAMPLE wrapper call (``noise, latent, sampler, sigmas, ...``).
+
+    A run with fewer than two sigmas makes no sampling step (SplitSigmas can hand SamplerCustom a one-value
+    tail): the wrappers then pass it through untouched.
+    """
+    return args[3] if len(args) > 3 else kwargs["sigmas"]
+
+
 def step_of_call(transformer_options: dict) -> StepMatch | None:
     """The sampling step of the current model call, or None outside a sampler run."""
     sigmas = transformer_options.get("sigmas")

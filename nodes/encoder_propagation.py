@@ -24,7 +24,7 @@ from comfy_api.latest import io
 from ..reuse_core.encoder_propagation import EncoderPropagationConfig, EncoderPropagationEngine
 from ..reuse_core.key_steps import PRESETS, KeyStepSpec, reuse_window
 from ..reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjection, sample_euler_prior_noise
-from .comfy_steps import step_of_call
+from .comfy_steps import sigmas_of_sample, step_of_call
 from .unet_decoder import ComfyUNetHost, bind_unet_call, has_output_control, unsupported_reason
 
 WRAPPER_KEY = "comfyui_reuse.encoder_propagation"
@@ -120,7 +120,7 @@ def make_outer_sample_wrapper(config: EncoderPropagationConfig):
         if reason:
             raise TypeError(reason)
         args = list(args)
-        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        sigmas = sigmas_of_sample(args, kwargs)
         model_sampling = patcher.get_model_object("model_sampling")
         if config.injection.enabled:
             if len(args) > 2:

@@ -212,6 +212,13 @@ def test_sampler_custom_with_hand_made_sigmas(sd15, method, sampler):
         assert torch.equal(_sample_custom(method.apply_off(sd15), sigmas=CUSTOM_SIGMAS, sampler=sampler), ref_out)
 
 
+@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+def test_sampler_custom_with_a_single_sigma_runs_no_step(sd15, method):
+    # SplitSigmas can hand SamplerCustom a one-value tail: zero sampling steps. Nothing to reuse, nothing to refuse.
+    sigmas = CUSTOM_SIGMAS[-1:]
+    assert torch.equal(_sample_custom(method.apply(sd15), sigmas=sigmas), _sample_custom(sd15, sigmas=sigmas))
+
+
 # -------------------------------------------------------------------------------------------------- CFG, batch
 @pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
 def test_cfg_one_runs_without_uncond(sd15, method):
