@@ -118,6 +118,20 @@ def test_encoder_host_with_every_step_a_key_step_is_bit_identical(unet):
     assert engine.stats.encoder_passes_saved == 0
 
 
+def test_encoder_host_encode_then_decode_equals_its_full_forward_and_the_native_unet(unet):
+    host = DiffusersUNetHost(unet)
+    x, ctx = inputs()
+    t = TIMESTEPS[2].expand(x.shape[0])
+    with torch.no_grad():
+        native = unet(x, t, encoder_hidden_states=ctx).sample
+        features = host.encode(x, t, ctx)
+        out, captured = host.full_forward(x, t, ctx, capture=True)
+        assert host.full_forward(x, t, ctx, capture=False)[1] is None
+        assert torch.equal(host.decode(features, t, ctx), native) and torch.equal(out, native)
+    assert all(torch.equal(a, b) for a, b in zip(captured.skips, features.skips, strict=True))
+    assert torch.equal(captured.middle, features.middle)
+
+
 @pytest.mark.parametrize("parallel", [False, True])
 def test_encoder_host_saves_encoder_passes(unet, parallel):
     _, ref_steps = loop(unet, plain(unet))

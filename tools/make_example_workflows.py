@@ -265,11 +265,8 @@ def pack_note(graph: Graph, node: Node, intro: str, pos, size) -> Node:
 # listed keeps the node's default, which is what the node authors recommend.
 # reuse_fraction instead of a fixed reuse_steps count: the example keeps working (and keeps the paper's
 # 10-of-20 ratio) when a user changes the step count, where reuse_steps=10 would reject runs of <= 10 steps.
-ATTENTION_SD15: dict = {"strategy": "phast", "reuse_fraction": 0.5}
-ENCODER_SD15: dict = {"key_steps": "paper"}
-ENCODER_SDXL: dict = {"key_steps": "paper"}
-CHAINED_ATTENTION: dict = {"strategy": "phast", "reuse_fraction": 0.5}
-CHAINED_ENCODER: dict = {"key_steps": "paper"}
+ATTENTION: dict = {"strategy": "phast", "reuse_fraction": 0.5}
+ENCODER: dict = {"key_steps": "paper"}
 
 
 @dataclass
@@ -314,79 +311,77 @@ SD15_SAMPLER = dict(seed=SEED, steps=20, cfg=7.0, sampler_name="euler", schedule
 SDXL_SAMPLER = dict(seed=SEED, steps=30, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras", denoise=1.0)
 
 
-def wf_sd15_attention(info: dict) -> Graph:
-    g = Graph("sd15_attention_map_reuse", info)
-    p = base_pipeline(g, SD15_CHECKPOINT, 512, 512)
-    reuse = g.add("AttentionMapReuse", (420, 40), (400, 240), ATTENTION_SD15,
-                  title="Attention Map Reuse (late-step attention caching)", color=PACK_COLOR)  # fmt: skip
-    g.connect(p.loader, "MODEL", reuse, "model")
-    sampler_chain(g, p, reuse, 880, 120, SD15_SAMPLER, "KSampler", "SaveImage", "comfyui-reuse/attention_map_reuse")
-    pack_note(
-        g,
-        reuse,
-        (
-            "Attention Map Reuse computes attention only on some sampling steps and reuses the kept maps on the "
-            "others, mostly in the late, low-noise steps where they barely change. The MODEL it outputs is a "
-            "patched copy: the loader's model is untouched, so you can wire a plain KSampler beside it to compare."
-        ),
-        (880, 420),
-        (430, 420),
-    )
-    g.group("Speed-up: patch the model, then sample as usual", [reuse])
-    return g
+@dataclass(frozen=True)
+class SingleNodeExample:
+    """A workflow that puts one pack node between the checkpoint loader and a KSampler."""
+
+    name: str
+    checkpoint: str
+    size: int
+    node_type: str
+    settings: dict
+    node_title: str
+    sampler: dict
+    prefix: str
+    note: str
+
+    def __call__(self, info: dict) -> Graph:
+        g = Graph(self.name, info)
+        p = base_pipeline(g, self.checkpoint, self.size, self.size)
+        node = g.add(self.node_type, (420, 40), (400, 240), self.settings, title=self.node_title, color=PACK_COLOR)
+        g.connect(p.loader, "MODEL", node, "model")
+        sampler_chain(g, p, node, 880, 120, self.sampler, "KSampler", "SaveImage", self.prefix)
+        pack_note(g, node, self.note, (880, 420), (430, 420))
+        g.group("Speed-up: patch the model, then sample as usual", [node])
+        return g
 
 
-def wf_sd15_encoder(info: dict) -> Graph:
-    g = Graph("sd15_encoder_feature_propagation", info)
-    p = base_pipeline(g, SD15_CHECKPOINT, 512, 512)
-    prop = g.add("EncoderFeaturePropagation", (420, 40), (400, 240), ENCODER_SD15,
-                 title="Encoder Feature Propagation (skip the U-Net encoder)", color=PACK_COLOR)  # fmt: skip
-    g.connect(p.loader, "MODEL", prop, "model")
-    sampler_chain(g, p, prop, 880, 120, SD15_SAMPLER, "KSampler", "SaveImage",
-                  "comfyui-reuse/encoder_feature_propagation")  # fmt: skip
-    pack_note(
-        g,
-        prop,
-        (
-            "Encoder Feature Propagation runs the U-Net encoder only on key steps and feeds its cached features to the "
-            "decoder on the steps in between (Faster Diffusion). The encoder changes slowly between adjacent steps, so "
-            "the decoder still sees accurate features while about half of the U-Net is skipped on non-key steps."
-        ),
-        (880, 420),
-        (430, 420),
-    )
-    g.group("Speed-up: patch the model, then sample as usual", [prop])
-    return g
-
-
-def wf_sdxl_encoder(info: dict) -> Graph:
-    g = Graph("sdxl_encoder_feature_propagation", info)
-    p = base_pipeline(g, SDXL_CHECKPOINT, 1024, 1024)
-    prop = g.add("EncoderFeaturePropagation", (420, 40), (400, 240), ENCODER_SDXL,
-                 title="Encoder Feature Propagation (SDXL)", color=PACK_COLOR)  # fmt: skip
-    g.connect(p.loader, "MODEL", prop, "model")
-    sampler_chain(g, p, prop, 880, 120, SDXL_SAMPLER, "KSampler", "SaveImage",
-                  "comfyui-reuse/sdxl_encoder_feature_propagation")  # fmt: skip
-    pack_note(
-        g,
-        prop,
-        (
-            "Same node on SDXL: it reads the U-Net layout from the model, so no SDXL-specific settings are needed. "
-            "SDXL works best at 1024x1024 (or another ~1 megapixel size); the sampler uses dpmpp_2m/karras, 30 steps."
-        ),
-        (880, 420),
-        (430, 420),
-    )
-    g.group("Speed-up: patch the model, then sample as usual", [prop])
-    return g
+wf_sd15_attention = SingleNodeExample(
+    "sd15_attention_map_reuse",
+    SD15_CHECKPOINT,
+    512,
+    "AttentionMapReuse",
+    ATTENTION,
+    "Attention Map Reuse (late-step attention caching)",
+    SD15_SAMPLER,
+    "comfyui-reuse/attention_map_reuse",
+    "Attention Map Reuse computes attention only on some sampling steps and reuses the kept maps on the "
+    "others, mostly in the late, low-noise steps where they barely change. The MODEL it outputs is a "
+    "patched copy: the loader's model is untouched, so you can wire a plain KSampler beside it to compare.",
+)
+wf_sd15_encoder = SingleNodeExample(
+    "sd15_encoder_feature_propagation",
+    SD15_CHECKPOINT,
+    512,
+    "EncoderFeaturePropagation",
+    ENCODER,
+    "Encoder Feature Propagation (skip the U-Net encoder)",
+    SD15_SAMPLER,
+    "comfyui-reuse/encoder_feature_propagation",
+    "Encoder Feature Propagation runs the U-Net encoder only on key steps and feeds its cached features to the "
+    "decoder on the steps in between (Faster Diffusion). The encoder changes slowly between adjacent steps, so "
+    "the decoder still sees accurate features while about half of the U-Net is skipped on non-key steps.",
+)
+wf_sdxl_encoder = SingleNodeExample(
+    "sdxl_encoder_feature_propagation",
+    SDXL_CHECKPOINT,
+    1024,
+    "EncoderFeaturePropagation",
+    ENCODER,
+    "Encoder Feature Propagation (SDXL)",
+    SDXL_SAMPLER,
+    "comfyui-reuse/sdxl_encoder_feature_propagation",
+    "Same node on SDXL: it reads the U-Net layout from the model, so no SDXL-specific settings are needed. "
+    "SDXL works best at 1024x1024 (or another ~1 megapixel size); the sampler uses dpmpp_2m/karras, 30 steps.",
+)
 
 
 def wf_chained(info: dict) -> Graph:
     g = Graph("sd15_both_methods_chained", info)
     p = base_pipeline(g, SD15_CHECKPOINT, 512, 512, x_prompt=880)
-    reuse = g.add("AttentionMapReuse", (420, 40), (400, 240), CHAINED_ATTENTION,
+    reuse = g.add("AttentionMapReuse", (420, 40), (400, 240), ATTENTION,
                   title="1. Attention Map Reuse", color=PACK_COLOR)  # fmt: skip
-    prop = g.add("EncoderFeaturePropagation", (420, 330), (400, 240), CHAINED_ENCODER,
+    prop = g.add("EncoderFeaturePropagation", (420, 330), (400, 240), ENCODER,
                  title="2. Encoder Feature Propagation", color=PACK_COLOR)  # fmt: skip
     g.connect(p.loader, "MODEL", reuse, "model")
     g.connect(reuse, "MODEL", prop, "model")
@@ -408,9 +403,9 @@ def wf_chained(info: dict) -> Graph:
 def wf_comparison(info: dict) -> Graph:
     g = Graph("sd15_side_by_side_comparison", info)
     p = base_pipeline(g, SD15_CHECKPOINT, 512, 512)
-    reuse = g.add("AttentionMapReuse", (420, 720), (400, 240), CHAINED_ATTENTION,
+    reuse = g.add("AttentionMapReuse", (420, 720), (400, 240), ATTENTION,
                   title="Attention Map Reuse", color=PACK_COLOR)  # fmt: skip
-    prop = g.add("EncoderFeaturePropagation", (420, 1010), (400, 240), CHAINED_ENCODER,
+    prop = g.add("EncoderFeaturePropagation", (420, 1010), (400, 240), ENCODER,
                  title="Encoder Feature Propagation", color=PACK_COLOR)  # fmt: skip
     g.connect(p.loader, "MODEL", reuse, "model")
     g.connect(reuse, "MODEL", prop, "model")

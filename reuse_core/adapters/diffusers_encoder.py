@@ -68,10 +68,27 @@ class DiffusersUNetHost:
         return self.unet.process_encoder_hidden_states(encoder_hidden_states=context, added_cond_kwargs=added)
 
     def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context, **extra: Any) -> EncoderFeatures:
-        unet = self.unet
-        sample = 2 * x - 1.0 if unet.config.center_input_sample else x
+        sample = self._input(x)
         emb = self._embedding(sample, timesteps, context, extra)
-        context = self._context(context, extra)
+        return self._encode_with(sample, emb, self._context(context, extra))
+
+    def decode(self, features: EncoderFeatures, timesteps: torch.Tensor, context, **extra: Any) -> torch.Tensor:
+        emb = self._embedding(features.middle, timesteps, context, extra)
+        return self._decode_with(features, emb, self._context(context, extra))
+
+    def full_forward(self, x: torch.Tensor, timesteps: torch.Tensor, context, *, capture: bool, **extra: Any):
+        """Encode then decode with one time embedding and one context projection (the engine's optional fast path)."""
+        sample = self._input(x)
+        emb, context = self._embedding(sample, timesteps, context, extra), self._context(context, extra)
+        features = self._encode_with(sample, emb, context)
+        return self._decode_with(features, emb, context), features if capture else None
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x - 1.0 if self.unet.config.center_input_sample else x
+
+    def _encode_with(self, sample: torch.Tensor, emb: torch.Tensor, context) -> EncoderFeatures:
+        unet = self.unet
+        input_size = tuple(sample.shape[-2:])
         sample = unet.conv_in(sample)
         skips = (sample,)
         for block in unet.down_blocks:
@@ -84,13 +101,11 @@ class DiffusersUNetHost:
             sample = unet.mid_block(sample, emb, encoder_hidden_states=context)
         else:
             sample = unet.mid_block(sample, emb)
-        return EncoderFeatures(skips=skips, middle=sample, meta={"input_size": tuple(x.shape[-2:])})
+        return EncoderFeatures(skips=skips, middle=sample, meta={"input_size": input_size})
 
-    def decode(self, features: EncoderFeatures, timesteps: torch.Tensor, context, **extra: Any) -> torch.Tensor:
+    def _decode_with(self, features: EncoderFeatures, emb: torch.Tensor, context) -> torch.Tensor:
         unet = self.unet
         sample = features.middle
-        emb = self._embedding(sample, timesteps, context, extra)
-        context = self._context(context, extra)
         # The native forward passes explicit upsample sizes when the input is not a multiple of the total factor.
         factor = 2**unet.num_upsamplers
         forward_upsample_size = any(d % factor != 0 for d in features.meta.get("input_size", (0, 0)))
