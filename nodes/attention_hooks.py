@@ -41,6 +41,7 @@ import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+from ..reuse_core.attention_math import attention_kind
 from ..reuse_core.attention_reuse import AttentionReuseConfig, AttentionReuseRun
 from ..reuse_core.schedules import ScheduleSpec
 from .comfy_steps import DECODER_STEPS_KEY, sigmas_of_sample, step_of_call, transformer_options_of
@@ -139,9 +140,7 @@ def make_attention_override(previous=None):
             where = (tuple(block), options.get("block_index", 0))
             position = forward.block_calls.get(where, 0)
             forward.block_calls[where] = position + 1
-            tokens_q = q.shape[2] if layout == "bhnd" else q.shape[1]
-            tokens_k = k.shape[2] if layout == "bhnd" else k.shape[1]
-            kind = "self" if position == 0 and tokens_q == tokens_k else "cross"
+            kind = "self" if position == 0 and attention_kind(q, k, layout) == "self" else "cross"
             layer_key = (*where, position)
         else:
             layer_key = (ordinal,)

@@ -25,6 +25,16 @@ def to_heads(t: torch.Tensor, heads: int, layout: str) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
 
+def token_count(t: torch.Tensor, layout: str) -> int:
+    """Sequence length of a ``layout`` tensor (``bnc``: ``[B, N, C]``, ``bhnd``: ``[B, H, N, D]``)."""
+    return t.shape[2] if layout == "bhnd" else t.shape[1]
+
+
+def attention_kind(q: torch.Tensor, k: torch.Tensor, layout: str) -> str:
+    """``"self"`` when queries and keys have the same length, else ``"cross"`` (text tokens as keys)."""
+    return "self" if token_count(q, layout) == token_count(k, layout) else "cross"
+
+
 def from_heads(t: torch.Tensor, layout: str) -> torch.Tensor:
     """``[B, H, N, D]`` back to ``layout``."""
     if layout == "bhnd":

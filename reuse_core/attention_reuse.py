@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention_cache import AttentionCache
-from .attention_math import attention_with_map, from_heads, reuse_map, to_heads
+from .attention_math import attention_kind, attention_with_map, from_heads, reuse_map, to_heads, token_count
 from .schedules import ReuseSchedule
 
 logger = logging.getLogger(__name__)
@@ -168,8 +168,7 @@ class AttentionReuseRun:
             stats.fresh += 1
             return fused()
         if kind is None:
-            token_dim = 2 if layout == "bhnd" else 1
-            kind = "self" if q.shape[token_dim] == k.shape[token_dim] else "cross"
+            kind = attention_kind(q, k, layout)
         if not self.config.targets_kind(kind):
             stats.untargeted += 1
             return fused()
@@ -258,8 +257,7 @@ class AttentionReuseRun:
             )
             return fused_on(*whole)
         if kind is None:
-            token_dim = 2 if layout == "bhnd" else 1
-            kind = "self" if q.shape[token_dim] == k.shape[token_dim] else "cross"
+            kind = attention_kind(q, k, layout)
         if not self.config.targets_kind(kind):
             stats.untargeted += n
             return fused_on(*whole)
@@ -326,7 +324,7 @@ class AttentionReuseRun:
             return None
         vh = to_heads(v, heads, layout)
         b, h, nk, d = vh.shape
-        nq = q.shape[2] if layout == "bhnd" else q.shape[1]
+        nq = token_count(q, layout)
         if self.config.mode == "output":
             expected = (b, h, nq, d) if output_layout == "bhnd" else (b, nq, h * d)
             return entry if tuple(entry.shape) == expected else None
