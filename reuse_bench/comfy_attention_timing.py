@@ -11,8 +11,8 @@ Measures, all in one process on the CPU:
 
 Usage (the lead runs the full one on a quiet machine; 512x512 steps take 15-25 s each on 2 cores)::
 
-    python -m reuse_bench.comfy_attention_timing --comfyui /opt/ComfyUI            # full, prints Markdown
-    python -m reuse_bench.comfy_attention_timing --comfyui /opt/ComfyUI --smoke    # 64x64, seconds
+    python -m reuse_bench.comfy_attention_timing --comfyui ../shared/comfyui/v0.33.0            # full, prints Markdown
+    python -m reuse_bench.comfy_attention_timing --comfyui ../shared/comfyui/v0.33.0 --smoke    # 64x64, seconds
 
 ``run(comfy_path, quick=False) -> list[dict]`` returns the rows (``quick`` = the smoke settings).
 """
@@ -151,7 +151,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: COMFYUI_PATH or /opt/ComfyUI)")
+    parser.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: COMFYUI_PATH, then ../shared/comfyui)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings (64x64, 1 repeat, 4 steps)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="pixel sizes for step timings")
     parser.add_argument("--repeats", type=int, default=3, help="steps per median for step timings")

@@ -18,7 +18,7 @@ latent bookkeeping, which the ceiling ignores.
 
 Run (the lead, on a quiet machine)::
 
-    python -m reuse_bench.comfy_encoder_timing [--comfyui /opt/ComfyUI] [--quick]
+    python -m reuse_bench.comfy_encoder_timing [--comfyui ../shared/comfyui/v0.33.0] [--quick]
 
 ``--quick`` is a smoke setting (64x64, 4 steps, 1 repeat) that only checks the code paths.
 API: ``run(comfy_path=None, quick=False) -> list[dict]`` (rows with ``"table": "unet"`` or ``"end_to_end"``).
@@ -174,7 +174,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: COMFYUI_PATH or /opt/ComfyUI)")
+    parser.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: COMFYUI_PATH, then ../shared/comfyui)")
     parser.add_argument("--quick", action="store_true", help="smoke setting: 64x64, 4 steps, 1 repeat")
     args = parser.parse_args(argv)
     print(markdown(run(args.comfyui, quick=args.quick)))

@@ -1,15 +1,14 @@
 """Full-size SD1.5 U-Net inside real ComfyUI (CPU mode, random weights) for timing benchmarks.
 
 Random weights are fine for timing: the cost of a step does not depend on the weight values.
-Nothing here downloads anything; ComfyUI must already be on disk (``COMFYUI_PATH``,
-``/opt/ComfyUI`` or an explicit path).
+Nothing here downloads anything; ComfyUI must already be on disk (an explicit path, ``COMFYUI_PATH`` or the
+trees ``reuse_bench.comfyui_env`` knows).
 
 API
 ---
 ``import_comfy(comfy_path=None) -> module``
-    Imports ComfyUI in CPU mode and returns the ``comfy`` package. When ``torchvision`` cannot be
-    imported beside the CPU torch, the repository's import-only stand-in (``tests/comfy_shims``,
-    put on ``sys.path`` by location, not imported from ``tests``) is used. Idempotent.
+    Imports ComfyUI in CPU mode with PyTorch SDPA attention (``comfyui_env``) and returns the ``comfy``
+    package. Idempotent.
 ``load_pack(comfy_path=None) -> module``
     Imports this repository as the custom-node package ComfyUI would load (``comfyui_reuse``), so its nodes
     can be used in-process: ``importlib.import_module("comfyui_reuse.nodes.attention_reuse")``.
@@ -32,20 +31,16 @@ API
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import time
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-SHIM_DIR = REPO_DIR / "tests" / "comfy_shims"
+from . import comfyui_env
+
 TIMING_WRAPPER_KEY = "reuse_bench_step_timing"
-PACK_MODULE = "comfyui_reuse"
+PACK_MODULE = comfyui_env.PACK_MODULE
 
 SD15_UNET_CONFIG = dict(
     image_size=32,
@@ -69,70 +64,16 @@ SD15_UNET_CONFIG = dict(
 )
 
 
-def _comfy_root(comfy_path: str | os.PathLike | None) -> Path:
-    candidates = [comfy_path, os.environ.get("COMFYUI_PATH"), "/opt/ComfyUI"]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "comfy" / "model_patcher.py").is_file():
-            return Path(candidate).resolve()
-    raise FileNotFoundError(
-        f"ComfyUI not found (looked in: {[str(c) for c in candidates if c]}); pass its path or set COMFYUI_PATH"
-    )
-
-
-def _torchvision_importable() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        sys.modules.pop("torchvision", None)
-        return False
-    return True
-
-
 def import_comfy(comfy_path: str | os.PathLike | None = None):
-    """Import ComfyUI in CPU mode (once per process) and return the ``comfy`` package."""
-    if "comfy.model_patcher" in sys.modules:
-        import comfy
-        import comfy.cli_args
-
-        if not comfy.cli_args.args.use_pytorch_cross_attention:
-            # ComfyUI picks its attention backend at import: too late to switch to the fused kernel now.
-            warnings.warn(
-                "ComfyUI was imported before reuse_bench.sd15_comfy: timings use ComfyUI's CPU attention default, "
-                "not PyTorch SDPA; run the benchmark in a fresh process",
-                stacklevel=2,
-            )
-        return comfy
-    root = _comfy_root(comfy_path)
-    if not _torchvision_importable():
-        sys.path.insert(0, str(SHIM_DIR))
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    # On the CPU ComfyUI defaults to sub-quadratic attention; GPU users get PyTorch's fused SDPA. Time against
-    # the fused kernel, the baseline that reuse has to beat.
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import comfy.model_management  # after the CPU flag
-    import comfy.model_patcher
-    import comfy.sample
-    import comfy.samplers
-
-    return comfy
+    """ComfyUI in CPU mode with PyTorch SDPA (``comfyui_env.import_comfy``): on the CPU ComfyUI defaults to
+    sub-quadratic attention while GPU users get the fused kernel, the baseline reuse has to beat."""
+    return comfyui_env.import_comfy(comfy_path, fused_attention=True)
 
 
 def load_pack(comfy_path=None):
     """Import the repository as the package ``comfyui_reuse`` (what ComfyUI's loader does)."""
     import_comfy(comfy_path)
-    if PACK_MODULE in sys.modules:
-        return sys.modules[PACK_MODULE]
-    spec = importlib.util.spec_from_file_location(
-        PACK_MODULE, REPO_DIR / "__init__.py", submodule_search_locations=[str(REPO_DIR)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_MODULE] = module
-    spec.loader.exec_module(module)
-    return module
+    return comfyui_env.load_pack()
 
 
 def _init_weights(model: torch.nn.Module, seed: int, std: float) -> None:

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from comfy_harness import require_comfyui
 from server_support import CHECKPOINT_NAMES, ComfyServer, ServerDirs, ensure_tiny_checkpoints, server_unavailable_reason
 
 
@@ -17,9 +18,7 @@ def comfy_server(tmp_path_factory):
     """The real ComfyUI server with the pack and tiny SD1.5/SDXL checkpoints; stopped at the end of the session
     (``finally``), also when a test fails. ``COMFYUI_REUSE_CHECKPOINT_CACHE`` keeps the checkpoints across
     sessions."""
-    reason = server_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+    require_comfyui(server_unavailable_reason())
     dirs = ServerDirs(tmp_path_factory.mktemp("comfyui_server"))
     kept_cache = os.environ.get("COMFYUI_REUSE_CHECKPOINT_CACHE")
     cache = Path(kept_cache) if kept_cache else tmp_path_factory.mktemp("tiny_checkpoints")

@@ -21,7 +21,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from comfy_harness import PACK_DIR, SHIM_DIR, find_comfyui
+from comfy_harness import PACK_DIR, find_comfyui
+from reuse_bench.comfyui_env import STANDIN_DIR, standins_needed
 
 # The names users have on disk, so the example workflows run unchanged against the tiny files.
 CHECKPOINT_NAMES = {"sd15": "v1-5-pruned-emaonly.safetensors", "sdxl": "sd_xl_base_1.0.safetensors"}
@@ -207,11 +208,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _torchvision_importable() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True)
-    return probe.returncode == 0
-
-
 @dataclass
 class ServerDirs:
     """Temporary ComfyUI tree: everything the server may write lives here."""
@@ -287,9 +283,9 @@ class ComfyServer:
         # synchronisation; on a busy 2-core machine 2 threads measured 6-8x slower per U-Net call.
         env["OMP_NUM_THREADS"] = os.environ.get("COMFYUI_REUSE_SERVER_THREADS", "1")
         paths = [env.get("PYTHONPATH", "")]
-        if not _torchvision_importable():
-            # ComfyUI imports torchvision on the sampling path; the stand-in only satisfies that import.
-            paths.insert(0, str(SHIM_DIR))
+        if standins_needed():
+            # ComfyUI imports torchvision/torchaudio at module level; the stand-ins only satisfy those imports.
+            paths.insert(0, str(STANDIN_DIR))
         env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         return env
 

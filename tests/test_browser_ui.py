@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from comfy_harness import require_comfyui
 from server_support import (
     PACK_FOLDER_NAME,
     PACK_NODE_TYPES,
@@ -54,13 +55,11 @@ def browser_unavailable_reason() -> str | None:
 
 @pytest.fixture(scope="module")
 def page(comfy_server, object_info, tmp_path_factory):
-    reason = browser_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
+    require_comfyui(browser_unavailable_reason())
     if "UpscaleModelLoader" not in object_info:
         # Frontend 1.27.10 (pinned by ComfyUI 0.3.64) cannot build the ckpt_name widget of any loader node
         # when this core node is missing, so every workflow would load with a red checkpoint loader.
-        pytest.skip(
+        require_comfyui(
             "ComfyUI's UpscaleModelLoader is not registered (its dependency spandrel is missing: "
             "pip install --no-deps spandrel==0.4.2); frontend 1.27.10 then breaks every loader widget"
         )

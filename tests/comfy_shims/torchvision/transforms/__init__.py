@@ -1,9 +1,0 @@
-"""Import-only stand-in; see ``torchvision/__init__.py``."""
-
-from torchvision import _Unavailable
-
-InterpolationMode = _Unavailable("transforms.InterpolationMode")
-
-
-def __getattr__(attr):
-    return _Unavailable(f"transforms.{attr}")
