@@ -4,11 +4,25 @@ Only ``comfy_entrypoint`` is exported: ComfyUI's loader ignores the V3 entry poi
 pack that also exports ``NODE_CLASS_MAPPINGS``. The node modules are imported when ComfyUI
 calls the entry point, so importing this package outside ComfyUI (pytest collects the repo
 root as a package) does not need ``comfy_api``.
+
+An unsupported ComfyUI gets one message, no traceback (``nodes.comfy_version``). The entry point raises it:
+ComfyUI logs an exception from ``comfy_entrypoint`` as that one line (one from the package import comes with
+its traceback). A ComfyUI without ``comfy_api.latest`` has a loader that never calls the entry point, so
+there the import logs the message, and the loader then skips the pack for lacking ``NODE_CLASS_MAPPINGS``.
 """
+
+import logging
+import sys
+
+from .nodes.comfy_version import has_v3_api, require_supported_comfyui, unsupported_reason
+
+if "comfy" in sys.modules and not has_v3_api():  # an old ComfyUI, not pytest collecting the repository
+    logging.error(unsupported_reason())
 
 
 async def comfy_entrypoint():
-    from .nodes import ReuseExtension
+    require_supported_comfyui()
+    from .nodes.extension import ReuseExtension
 
     return ReuseExtension()
 

@@ -3,16 +3,23 @@
 How a sampler run flows through it:
 
 * ``OUTER_SAMPLE`` (``outer_sample_wrapper``): swaps the guider's ``model_options`` for a nested copy (the
-  EasyCache pattern), resolves the schedule against the run's real step count ``len(sigmas) - 1``, puts a
-  fresh ``AttentionReuseRun`` on a run copy of the ``ReusePatch`` held in ``transformer_options``; in
-  ``finally`` logs the one summary line, drops the maps and restores the options.
-* ``APPLY_MODEL`` (``apply_model_wrapper``): one model forward (one batch chunk). Opens a ``ForwardContext``:
-  the step of the call by sigma (``nodes.comfy_steps``), the chunk key (the chunk's cond UUIDs and
-  cond/uncond order) and a fresh call counter, closed in ``finally``. Attention outside a forward
-  (ControlNet's own forward, a bare ``apply_model`` call) passes through untouched.
+  EasyCache pattern), resolves the schedule against the run's real step count ``len(sigmas) - 1`` and puts
+  the run state (``AttentionRuns``: one engine run per device) in the copy's ``transformer_options``; in
+  ``finally`` logs the summary line, drops the maps and restores the options.
+* ``APPLY_MODEL`` (``apply_model_wrapper``): one model forward (one batch chunk). Hands the forward a shallow
+  copy of ``transformer_options`` holding its own ``ForwardContext`` (``FORWARD_KEY``): the step of the call by
+  sigma (``nodes.comfy_steps``), the chunk key (device, cond/uncond order, cond UUIDs) and the call counters.
+  Per-call state travels with the call, never on a shared object, so threads computing conds on several devices
+  at once (``_calc_cond_batch_multigpu``) cannot see each other's layer or step, and nothing depends on writes
+  to the dict flowing back (ComfyUI >= 0.33 copies it in ``BaseModel._apply_model``). Attention outside a
+  forward (ControlNet's own forward, a bare ``apply_model`` call) passes through untouched.
 * ``transformer_options["optimized_attention_override"]`` (``attention_override``): every attention call of
   the diffusion model. Inside a forward it hands the call to the engine with a layer key (below), else it
-  passes through. A previously installed override is chained: the engine's "fused" path calls it.
+  passes through. A previously installed override is chained: the engine's "fused" path calls it. An override
+  installed after ours (ComfyUI's ``ModelAttentionBackend`` replaces the slot) is chained at the start of each
+  run instead of silently dropping ours. q/k/v that ComfyUI packs in ``AttentionTensorContainer``s reach us as
+  tensors (we define no ``container_function``); grouped-query attention (``enable_gqa``, fewer K/V heads than
+  Q heads) is expanded to the query heads only where a map or output is kept or reused.
 
 Layer keys: on a U-Net (the attention call carries ``block``/``block_index``) a layer is
 ``(block, block_index, position within that transformer block)``, so a decoder layer keeps its key at Encoder
@@ -37,20 +44,33 @@ write the cache.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from ..reuse_core.attention_math import attention_kind
 from ..reuse_core.attention_reuse import AttentionReuseConfig, AttentionReuseRun
-from ..reuse_core.schedules import ScheduleSpec
-from .comfy_steps import DECODER_STEPS_KEY, sigmas_of_sample, step_of_call, transformer_options_of
+from ..reuse_core.schedules import ReuseSchedule, ScheduleSpec
+from .comfy_steps import (
+    DECODER_STEPS_KEY,
+    sigmas_of_sample,
+    step_of_call,
+    transformer_options_of,
+    with_transformer_options,
+)
 
-OPTIONS_KEY = "comfyui_reuse_attention"
-WRAPPER_KEY = "comfyui_reuse_attention"
+OPTIONS_KEY = "comfyui_reuse.attention"
+WRAPPER_KEY = "comfyui_reuse.attention"
+RUN_STATE_KEY = "comfyui_reuse.attention.run"
+FORWARD_KEY = "comfyui_reuse.attention.forward"
 
 # Diffusion-model classes (matched along the MRO) whose attention goes through ComfyUI's optimized
-# attention with transformer_options in v0.3.64. Tested here: UNetModel (SD1.5, SDXL), Flux, SD3.
+# attention with transformer_options, checked on ComfyUI 0.3.64 and 0.33.0. Tested with tiny real models
+# (tests/test_attention_reuse_comfy.py, tests/test_attention_families_comfy.py): U-Net (SD1.5, SDXL), Flux.1,
+# Flux.2, Chroma, SD3, SD3.5, Lumina 2, Z-Image, Qwen-Image, Wan 2.1/2.2, HunyuanVideo 1.0/1.5, LTX-Video,
+# Kandinsky 5, CogVideoX, Lens, MageFlow (the last four and Flux.2, Z-Image, HunyuanVideo 1.5: 0.33.0 only).
+# Listed but not tested: HiDream, Mochi, Cosmos, Cosmos Predict2.
 SUPPORTED_DIFFUSION_MODELS = {
     "UNetModel": "U-Net (SD1.x/2.x/SDXL/SVD)",
     "Flux": "Flux",
@@ -65,6 +85,10 @@ SUPPORTED_DIFFUSION_MODELS = {
     "AsymmDiTJoint": "Mochi",
     "GeneralDIT": "Cosmos",
     "MiniTrainDIT": "Cosmos Predict2",
+    "Kandinsky5": "Kandinsky 5",
+    "CogVideoXTransformer3DModel": "CogVideoX",
+    "LensTransformer2DModel": "Lens",
+    "MageFlowTransformer2DModel": "MageFlow",
 }
 
 
@@ -75,36 +99,53 @@ def supported_family(diffusion_model) -> str | None:
     return None
 
 
-@dataclass
-class ForwardContext:
-    step: int | None
-    chunk_key: Hashable
-    calls: int = 0
-    block_calls: dict = field(default_factory=dict)
-
-
-@dataclass
+@dataclass(frozen=True)
 class ReusePatch:
-    """Node-time settings (deep-copied by ``ModelPatcher.clone``); run state lives on a per-run copy."""
+    """Node-time settings, in the patched model's ``transformer_options`` (``OPTIONS_KEY``)."""
 
     config: AttentionReuseConfig
     spec: ScheduleSpec
     verbose: bool = False
-    run: AttentionReuseRun | None = None
-    forward: ForwardContext | None = None
-
-    def for_run(self, run: AttentionReuseRun) -> ReusePatch:
-        return ReusePatch(self.config, self.spec, self.verbose, run=run)
-
-    def __deepcopy__(self, memo):
-        # Clones of a patched model share nothing mutable: a run copy is never cloned mid-run.
-        return ReusePatch(self.config, self.spec, self.verbose)
 
 
-def _patch_of(options: dict | None) -> ReusePatch | None:
-    if not options:
-        return None
-    return options.get(OPTIONS_KEY)
+class AttentionRuns:
+    """State of one sampler run (``RUN_STATE_KEY``), made in ``OUTER_SAMPLE`` and dropped in its ``finally``: one
+    engine run per device, so threads computing conds on several devices never share a cache entry or counter,
+    and each device keeps its maps within its own memory budget."""
+
+    def __init__(self, config: AttentionReuseConfig, schedule: ReuseSchedule):
+        self.config = config
+        self.schedule = schedule
+        self.by_device: dict[str, AttentionReuseRun] = {}
+        self._lock = threading.Lock()
+
+    def on(self, device: str) -> AttentionReuseRun:
+        with self._lock:
+            run = self.by_device.get(device)
+            if run is None:
+                run = self.by_device[device] = AttentionReuseRun(self.config, self.schedule)
+            return run
+
+    def summaries(self, wall_s: float) -> list[str]:
+        if len(self.by_device) == 1:
+            return [run.summary(wall_s) for run in self.by_device.values()]
+        return [f"[{device}] {run.summary(wall_s)}" for device, run in self.by_device.items()]
+
+    def reset(self) -> None:
+        for run in self.by_device.values():
+            run.reset()
+        self.by_device.clear()
+
+
+@dataclass
+class ForwardContext:
+    """One model forward (one batch chunk on one device): travels in that call's ``transformer_options``."""
+
+    run: AttentionReuseRun
+    step: int | None
+    chunk_key: Hashable
+    calls: int = 0
+    block_calls: dict = field(default_factory=dict)
 
 
 def make_attention_override(previous=None):
@@ -117,10 +158,9 @@ def make_attention_override(previous=None):
 
     def attention_override(func, *args, **kwargs):
         options = kwargs.get("transformer_options")
-        patch = _patch_of(options)
-        if patch is None or patch.run is None or patch.forward is None or len(args) < 3:
+        forward = options.get(FORWARD_KEY) if options else None
+        if forward is None or len(args) < 3:
             return call_through(func, args, kwargs)
-        forward = patch.forward
         q, k, v = args[0], args[1], args[2]
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
         if heads is None:
@@ -146,7 +186,7 @@ def make_attention_override(previous=None):
             layer_key = (ordinal,)
         row_steps = options.get(DECODER_STEPS_KEY)
         if row_steps is not None and len(row_steps) > 1:
-            return patch.run.attention_steps(
+            return forward.run.attention_steps(
                 lambda q, k, v, mask: call_through(func, *_with_rows(args, kwargs, q, k, v, mask)),
                 q,
                 k,
@@ -160,7 +200,7 @@ def make_attention_override(previous=None):
                 kind=kind,
                 mask=mask,
             )
-        return patch.run.attention(
+        return forward.run.attention(
             lambda: call_through(func, args, kwargs),
             q,
             k,
@@ -189,28 +229,31 @@ def _with_rows(args: tuple, kwargs: dict, q, k, v, mask) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+def is_ours(override) -> bool:
+    return hasattr(override, "comfyui_reuse_previous")
+
+
 def install_override(transformer_options: dict) -> None:
     """Install the override, chaining whatever was there (replacing an earlier copy of ours)."""
     previous = transformer_options.get("optimized_attention_override")
-    if previous is not None and hasattr(previous, "comfyui_reuse_previous"):
+    if previous is not None and is_ours(previous):
         previous = previous.comfyui_reuse_previous
     transformer_options["optimized_attention_override"] = make_attention_override(previous)
 
 
 def apply_model_wrapper(executor, *args, **kwargs):
     options = transformer_options_of(args, kwargs)
-    patch = _patch_of(options)
-    if patch is None or patch.run is None:
+    runs: AttentionRuns | None = options.get(RUN_STATE_KEY)
+    if runs is None:  # not inside a sampler run of this model
         return executor(*args, **kwargs)
     match = step_of_call(options)
     step = match.index if match is not None and match.exact else None
+    x = args[0] if args else kwargs.get("x")
+    device = str(getattr(x, "device", ""))
     chunk_key = (tuple(options.get("cond_or_uncond", ())), tuple(str(u) for u in options.get("uuids", ())))
-    outer = patch.forward
-    patch.forward = ForwardContext(step, chunk_key)
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        patch.forward = outer
+    forward = ForwardContext(runs.on(device), step, chunk_key)
+    args, kwargs = with_transformer_options(args, kwargs, {**options, FORWARD_KEY: forward})
+    return executor(*args, **kwargs)
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
@@ -218,12 +261,12 @@ def outer_sample_wrapper(executor, *args, **kwargs):
 
     guider = executor.class_obj
     original_options = guider.model_options
-    run_patch = None
+    runs = None
     start = time.perf_counter()
     try:
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         options = guider.model_options["transformer_options"]
-        patch = _patch_of(options)
+        patch: ReusePatch | None = options.get(OPTIONS_KEY)
         sigmas = sigmas_of_sample(args, kwargs)
         if patch is None or len(sigmas) < 2:
             return executor(*args, **kwargs)
@@ -236,14 +279,17 @@ def outer_sample_wrapper(executor, *args, **kwargs):
                 f"{resolved.schedule} (1 = compute), mode {patch.config.mode}, "
                 f"attention {patch.config.targets}"
             )
-        run_patch = patch.for_run(AttentionReuseRun(patch.config, resolved.schedule))
-        options[OPTIONS_KEY] = run_patch
+        runs = options[RUN_STATE_KEY] = AttentionRuns(patch.config, resolved.schedule)
+        if not is_ours(options.get("optimized_attention_override")):
+            # A node applied after ours replaced the override slot (e.g. ModelAttentionBackend): chain its
+            # override under ours for this run rather than silently reusing nothing.
+            install_override(options)
         return executor(*args, **kwargs)
     finally:
-        if run_patch is not None:
-            logging.info(run_patch.run.summary(time.perf_counter() - start))
-            run_patch.run.reset()
-            run_patch.run = None
+        if runs is not None:
+            for line in runs.summaries(time.perf_counter() - start):
+                logging.info(line)
+            runs.reset()
         guider.model_options = original_options
 
 

@@ -26,6 +26,18 @@ def transformer_options_of(args: tuple, kwargs: dict) -> dict:
     return {}
 
 
+def with_transformer_options(args: tuple, kwargs: dict, options: dict) -> tuple:
+    """``(args, kwargs)`` of a wrapper call with its ``transformer_options`` replaced by ``options``, to pass to
+    ``executor(*args, **kwargs)``."""
+    if isinstance(kwargs.get("transformer_options"), dict):
+        return args, {**kwargs, "transformer_options": options}
+    original = transformer_options_of(args, kwargs)
+    for i in reversed(range(len(args))):
+        if args[i] is original:
+            return (*args[:i], options, *args[i + 1 :]), kwargs
+    return args, {**kwargs, "transformer_options": options}
+
+
 def sigmas_of_sample(args: tuple, kwargs: dict):
     """The ``sigmas`` of an OUTER_SAMPLE wrapper call (``noise, latent, sampler, sigmas, ...``).
 

@@ -151,7 +151,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: COMFYUI_PATH, then ../shared/comfyui)")
+    parser.add_argument("--comfyui", default=None, help="ComfyUI tree (default: COMFYUI_PATH, ../shared/comfyui)")
     parser.add_argument("--smoke", action="store_true", help="tiny settings (64x64, 1 repeat, 4 steps)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="pixel sizes for step timings")
     parser.add_argument("--repeats", type=int, default=3, help="steps per median for step timings")

@@ -174,7 +174,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: COMFYUI_PATH, then ../shared/comfyui)")
+    parser.add_argument("--comfyui", default=None, help="ComfyUI tree (default: COMFYUI_PATH, ../shared/comfyui)")
     parser.add_argument("--quick", action="store_true", help="smoke setting: 64x64, 4 steps, 1 repeat")
     args = parser.parse_args(argv)
     print(markdown(run(args.comfyui, quick=args.quick)))

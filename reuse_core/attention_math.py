@@ -25,6 +25,22 @@ def to_heads(t: torch.Tensor, heads: int, layout: str) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
 
+def kv_to_heads(t: torch.Tensor, heads: int, dim_head: int, layout: str) -> torch.Tensor:
+    """``[B, heads, N, D]`` view of a key or value tensor. Grouped-query attention (ComfyUI's ``enable_gqa``)
+    hands fewer K/V heads than query heads: each K/V head serves ``heads // kv_heads`` consecutive query heads,
+    as in ComfyUI's ``repeat_kv_for_gqa`` and PyTorch's SDPA."""
+    if layout == "bnc":
+        t = t.reshape(t.shape[0], t.shape[1], -1, dim_head).transpose(1, 2)
+    else:
+        t = to_heads(t, heads, layout)
+    kv_heads = t.shape[1]
+    if kv_heads != heads:
+        if heads % kv_heads:
+            raise ValueError(f"grouped-query attention: {heads} query heads are not a multiple of {kv_heads} K/V heads")
+        t = t.repeat_interleave(heads // kv_heads, dim=1)
+    return t
+
+
 def token_count(t: torch.Tensor, layout: str) -> int:
     """Sequence length of a ``layout`` tensor (``bnc``: ``[B, N, C]``, ``bhnd``: ``[B, H, N, D]``)."""
     return t.shape[2] if layout == "bhnd" else t.shape[1]
@@ -59,26 +75,24 @@ def _broadcast_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def attention_with_map(
+def attention_map(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
     *,
     mask: torch.Tensor | None = None,
     scale: float | None = None,
     map_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention on ``[B, H, N, D]`` tensors; returns ``(out [B,H,Nq,D], probs [B,H,Nq,Nk])``.
+) -> torch.Tensor:
+    """The softmax attention map ``[B, H, Nq, Nk]`` of ``[B, H, N, D]`` queries and keys.
 
     Scores and softmax run in float32 (as ComfyUI does with upcast attention) one batch row at a time, so
-    the transient float32 scores stay at one row's size; ``probs`` are kept in ``map_dtype`` (default: the
-    dtype of ``v``). ``mask`` is boolean (True = attend) or additive, broadcastable to ``[B, H, Nq, Nk]``.
+    the transient float32 scores stay at one row's size; the map is kept in ``map_dtype`` (default: the
+    dtype of ``q``). ``mask`` is boolean (True = attend) or additive, broadcastable to ``[B, H, Nq, Nk]``.
     """
     b, h, nq, d = q.shape
     nk = k.shape[2]
     scale = d**-0.5 if scale is None else scale
-    map_dtype = map_dtype or v.dtype
-    probs = torch.empty((b, h, nq, nk), dtype=map_dtype, device=q.device)
+    probs = torch.empty((b, h, nq, nk), dtype=map_dtype or q.dtype, device=q.device)
     if mask is not None:
         mask = _additive_mask(_broadcast_mask(mask), torch.float32).expand(b, h, nq, nk)
     for row in range(b):
@@ -87,6 +101,14 @@ def attention_with_map(
             scores.add_(mask[row])
         probs[row] = torch.softmax(scores, dim=-1)
         del scores
+    return probs
+
+
+def attention_with_map(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B,H,Nq,D], probs [B,H,Nq,Nk])``: explicit softmax attention and its map (``attention_map``)."""
+    probs = attention_map(q, k, map_dtype=kwargs.pop("map_dtype", None) or v.dtype, **kwargs)
     return reuse_map(probs, v), probs
 
 

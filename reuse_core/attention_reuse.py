@@ -37,9 +37,9 @@ Host API
 
 Per step (``ReuseSchedule``): a reuse step (bit 0) returns ``P_cached @ V`` (``mode="map"``) or the cached
 output (``mode="output"``) for targeted layers; a compute step that a reuse step follows (``store_steps``)
-stores the map (explicit softmax, ``attention_math.attention_with_map``) or the fused output; any other
-compute step just calls ``fused()``. A missing or mismatched cache entry (new chunk composition, changed
-shape, over-budget store) falls back to ``fused()``; budget refusals are logged once per run. With no reuse
+keeps the map (explicit softmax, ``attention_math.attention_map``, next to the host's own output) or the fused
+output; any other compute step just calls ``fused()``. A missing or mismatched cache entry (new chunk
+composition, changed shape, over-budget store) falls back to ``fused()``; budget refusals are logged once per run. With no reuse
 step in the schedule every call is ``fused()``, so the output is bit-identical to the unpatched host.
 """
 
@@ -53,7 +53,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention_cache import AttentionCache
-from .attention_math import attention_kind, attention_with_map, from_heads, reuse_map, to_heads, token_count
+from .attention_math import (
+    attention_kind,
+    attention_map,
+    from_heads,
+    kv_to_heads,
+    reuse_map,
+    to_heads,
+    token_count,
+)
 from .schedules import ReuseSchedule
 
 logger = logging.getLogger(__name__)
@@ -201,7 +209,7 @@ class AttentionReuseRun:
                 "computing it instead (further fallbacks are counted, not logged)",
             )
             return fused()
-        return self._store(fused, key, step, q, k, v, heads, layout, output_layout, mask)
+        return self._store(fused, key, step, q, k, v, heads, layout, mask)
 
     def attention_steps(
         self,
@@ -289,22 +297,23 @@ class AttentionReuseRun:
             )
         return torch.cat(outs, dim=0)
 
-    def _store(self, fused, key, step, q, k, v, heads, layout, output_layout, mask) -> torch.Tensor:
+    def _store(self, fused, key, step, q, k, v, heads, layout, mask) -> torch.Tensor:
         stats, cache = self.stats, self.cache
         if self.config.mode == "output":
             out = fused()
             stored = cache.put(key, out)
         else:
-            qh, kh, vh = (to_heads(t, heads, layout) for t in (q, k, v))
-            nbytes = qh.shape[0] * qh.shape[1] * qh.shape[2] * kh.shape[2] * vh.element_size()
+            qh = to_heads(q, heads, layout)
+            kh = kv_to_heads(k, heads, qh.shape[-1], layout)
+            nbytes = qh.shape[0] * qh.shape[1] * qh.shape[2] * kh.shape[2] * v.element_size()
             stored = cache.fits(nbytes, key)
+            # The step itself keeps the host's own attention output, so a store step is exactly the unpatched
+            # step whatever the backend; the map is an extra product kept for the reuse steps.
+            out = fused()
             if stored:
-                out_h, probs = attention_with_map(qh, kh, vh, mask=mask)
-                cache.put(key, probs)
-                out = from_heads(out_h, output_layout)
+                cache.put(key, attention_map(qh, kh, mask=mask, map_dtype=v.dtype))
             else:
                 cache.refuse(key)
-                out = fused()
         if stored:
             stats.stored += 1
             self._stored_at[key] = step
@@ -322,7 +331,7 @@ class AttentionReuseRun:
         entry = self.cache.get(key, device=v.device)
         if entry is None:
             return None
-        vh = to_heads(v, heads, layout)
+        vh = kv_to_heads(v, heads, to_heads(q, heads, layout).shape[-1], layout)
         b, h, nk, d = vh.shape
         nq = token_count(q, layout)
         if self.config.mode == "output":

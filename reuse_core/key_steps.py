@@ -41,6 +41,11 @@ PRESETS = ("paper", "uniform", "one_pass", "custom")
 PAPER_KEY_STEPS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 PAPER_REFERENCE_STEPS = 50
 PAPER_DENSE_PREFIX = 4  # steps 0..3 are keys in the paper's set and stay keys at every step count
+# Bounds on the custom list, far above any real run (ComfyUI's samplers take at most 10000 steps): they keep a pasted
+# or generated string from costing time and memory, and keep huge numbers away from int(), whose own error (over
+# 4300 digits) would not name the field.
+MAX_CUSTOM_CHARS = 100_000
+MAX_INDEX_DIGITS = 9
 
 
 def _check_steps(steps: int) -> None:
@@ -82,15 +87,33 @@ def parse_key_step_list(text: str, field: str = "custom_key_steps") -> tuple[int
     """
     if not isinstance(text, str):
         raise ValueError(f"{field}: expected text such as '0,1,2,5,10', got {type(text).__name__}")
+    if len(text) > MAX_CUSTOM_CHARS:
+        raise ValueError(
+            f"{field}: {len(text)} characters is too long (at most {MAX_CUSTOM_CHARS}); list only the key steps, "
+            "e.g. '0,1,2,5,10'"
+        )
     tokens = [t for t in re.split(r"[\s,;\[\]()]+", text) if t]
     if not tokens:
         raise ValueError(f"{field}: empty; give 0-based step indices such as '0,1,2,5,10'")
     steps = set()
     for token in tokens:
         if not re.fullmatch(r"\d+", token):
-            raise ValueError(f"{field}: {token!r} is not a non-negative integer step index; write e.g. '0,1,2,5,10'")
-        steps.add(int(token))
+            raise ValueError(
+                f"{field}: {_preview(token)} is not a non-negative integer step index; write e.g. '0,1,2,5,10'"
+            )
+        digits = token.lstrip("0") or "0"  # int() counts leading zeros against its digit limit too
+        if len(digits) > MAX_INDEX_DIGITS:
+            raise ValueError(
+                f"{field}: step index {_preview(token)} ({len(token)} digits) is far beyond any run's step count; "
+                "give 0-based indices below the sampler's steps, e.g. '0,1,2,5,10'"
+            )
+        steps.add(int(digits))
     return tuple(sorted(steps))
+
+
+def _preview(token: str, limit: int = 12) -> str:
+    # An error message quotes the offending entry, but not all of a pasted megabyte.
+    return repr(token) if len(token) <= limit else repr(token[:limit] + "…")
 
 
 @dataclass(frozen=True)

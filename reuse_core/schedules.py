@@ -56,6 +56,9 @@ PHAST_RESULTS: dict[tuple[int, int], tuple[int, ...]] = {
 PHAST_TAIL_OFFSET = 0.3
 
 _IGNORED_CHARS = set(" \t\n\r,_|[]()")
+# Far above any real run (ComfyUI's samplers take at most 10000 steps, and a longer schedule is resampled anyway):
+# bounds the parse (repeated for every sampler run) and the verbose log line that quotes the schedule.
+MAX_CUSTOM_CHARS = 100_000
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,11 @@ def parse_bits(text: str, field: str = "custom_schedule") -> ReuseSchedule:
     """Parse ``"11111111010001000000"`` (spaces, commas, brackets tolerated) into a schedule."""
     if not isinstance(text, str):
         raise ValueError(f"{field}: expected a string of 0/1 characters, got {type(text).__name__}")
+    if len(text) > MAX_CUSTOM_CHARS:
+        raise ValueError(
+            f"{field}: {len(text)} characters is too long (at most {MAX_CUSTOM_CHARS}); give one 0/1 per step "
+            "(a schedule of another length is resampled to the run), e.g. 11111111010001000000"
+        )
     bits = []
     for pos, char in enumerate(text):
         if char in _IGNORED_CHARS:

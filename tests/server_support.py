@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from comfy_harness import PACK_DIR, find_comfyui
+
 from reuse_bench.comfyui_env import STANDIN_DIR, standins_needed
 
 # The names users have on disk, so the example workflows run unchanged against the tiny files.

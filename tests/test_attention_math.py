@@ -174,3 +174,27 @@ def test_engine_reset_drops_state():
 def test_config_validation_names_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field):
         AttentionReuseConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("layout", "mode"), [("bnc", "map"), ("bhnd", "map"), ("bnc", "output")])
+def test_grouped_query_attention_stores_and_reuses_with_query_heads(layout, mode):
+    """Fewer K/V heads than query heads (ComfyUI's enable_gqa): maps and outputs have the query's heads."""
+    q0, q1 = qkv(h=4, seed=1)[0], qkv(h=4, seed=2)[0]
+    (k0, v0), (k1, v1) = (qkv(h=2, seed=s)[1:] for s in (3, 4))
+
+    def fused(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    def host(t):
+        return from_heads(t, layout)
+
+    run = AttentionReuseRun(AttentionReuseConfig(mode=mode), parse_bits("10"))
+    outs = [
+        run.attention(lambda q=q, k=k, v=v: host(fused(q, k, v)), host(q), host(k), host(v), heads=4, step=step,
+                      layer_key="layer", layout=layout)
+        for step, (q, k, v) in enumerate(((q0, k0, v0), (q1, k1, v1)))
+    ]  # fmt: skip
+    assert run.stats.stored == 1 and run.stats.reused == 1 and run.stats.fallbacks == 0
+    assert torch.allclose(outs[0], host(fused(q0, k0, v0)), atol=1e-5)
+    expected = fused(q0, k0, v0) if mode == "output" else fused(q0, k0, v1)
+    assert torch.allclose(outs[1], host(expected), atol=1e-5)

@@ -1,4 +1,5 @@
-"""Attention Map Reuse in real ComfyUI: tiny real U-Nets (SD1.5/SDXL), Flux and SD3, comfy.sample.sample."""
+"""Attention Map Reuse in real ComfyUI: tiny real U-Nets (SD1.5/SDXL), comfy.sample.sample. The DiT families
+(Flux, SD3, Wan, ...) are in test_attention_families_comfy.py."""
 
 import importlib
 import logging
@@ -169,74 +170,6 @@ def test_sdxl(node, comfy, caplog):
     reused = h.sample(patched(node, model, reuse_steps=2), steps=6, kind="sdxl")
     assert last_stats(caplog)["reused_steps"] == 2
     assert 20.0 < psnr(reused, full) < math.inf
-
-
-def _dit(kind):
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    if kind == "flux":
-        unet = dict(
-            image_model="flux",
-            in_channels=16,
-            out_channels=16,
-            vec_in_dim=32,
-            context_in_dim=32,
-            hidden_size=64,
-            mlp_ratio=2.0,
-            num_heads=2,
-            depth=1,
-            depth_single_blocks=1,
-            axes_dim=[8, 12, 12],
-            theta=10000,
-            patch_size=2,
-            qkv_bias=True,
-            guidance_embed=False,
-        )
-        config, model_class = comfy.supported_models.Flux(unet), comfy.model_base.Flux
-    else:
-        unet = dict(
-            in_channels=16,
-            out_channels=16,
-            patch_size=2,
-            depth=2,
-            adm_in_channels=32,
-            input_size=None,
-            context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
-            pos_embed_max_size=16,
-            num_patches=256,
-            pos_embed_scaling_factor=None,
-        )
-        config, model_class = comfy.supported_models.SD3(unet), comfy.model_base.SD3
-    config.set_inference_dtype(torch.float32, None)
-    model = model_class(config, device=torch.device("cpu"))
-    h._init_weights(model, 0, 0.1)
-    cpu = torch.device("cpu")
-    patcher = h.sharpen_attention(comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu))
-    gen = torch.Generator().manual_seed(0)
-    conds = [
-        [[torch.randn(1, 8, 32, generator=gen), {"pooled_output": torch.randn(1, 32, generator=gen)}]] for _ in range(2)
-    ]
-    return patcher, conds
-
-
-@pytest.mark.parametrize("kind", ["flux", "sd3"])
-def test_dit_families_through_the_override(node, comfy, caplog, kind):
-    caplog.set_level(logging.INFO)
-    model, (positive, negative) = _dit(kind)
-
-    def run(m):
-        return h.sample(m, steps=6, cfg=3.0, latent=torch.zeros(1, 16, 8, 8), positive=positive, negative=negative)
-
-    full = run(model)
-    assert torch.equal(run(patched(node, model)), full)
-    for mode in ("map", "output"):
-        reused = run(patched(node, model, reuse_steps=3, mode=mode))
-        stats = last_stats(caplog)
-        assert stats["reused_steps"] == 3 and stats["reused_calls"] > 0
-        assert torch.isfinite(reused).all() and not torch.equal(reused, full)
-        assert psnr(reused, full) > 20.0
 
 
 def test_bad_inputs_raise_at_node_execution_and_leave_model_alone(node, comfy):

@@ -44,7 +44,7 @@ class AttentionCacheProbe:
     """Test-only APPLY_MODEL wrapper: after every model call, read the run's attention cache accounting."""
 
     def __init__(self, hooks):
-        self.options_key = hooks[0].OPTIONS_KEY
+        self.run_key = hooks[0].RUN_STATE_KEY
         self.options_of = hooks[2].transformer_options_of
         self.caches = []
         self.samples: list[tuple[int, int, int]] = []  # (bytes_used, peak_bytes, budget_bytes)
@@ -53,9 +53,9 @@ class AttentionCacheProbe:
 
     def __call__(self, executor, *args, **kwargs):
         out = executor(*args, **kwargs)
-        patch = self.options_of(args, kwargs).get(self.options_key)
-        assert patch is not None and patch.run is not None, "no attention reuse run inside sampling"
-        cache = patch.run.cache
+        runs = self.options_of(args, kwargs).get(self.run_key)
+        assert runs is not None and len(runs.by_device) == 1, "no single-device attention reuse run inside sampling"
+        cache = next(iter(runs.by_device.values())).cache
         if not self.caches or self.caches[-1] is not cache:
             self.caches.append(cache)
         self.samples.append((cache.bytes_used, cache.peak_bytes, cache.budget_bytes))

@@ -60,6 +60,22 @@ def test_parse_custom_list():
             parse_key_step_list(bad)
 
 
+def test_huge_custom_input_gets_a_clear_error_naming_the_field():
+    # More digits than int() converts (4300) once gave Python's own error without the field name.
+    with pytest.raises(ValueError, match="custom_key_steps: step index '111111111111…' \\(5000 digits\\)") as err:
+        parse_key_step_list("0,1," + "1" * 5000)
+    assert "below the sampler's steps" in str(err.value)
+    with pytest.raises(ValueError, match="custom_key_steps"):
+        KeyStepSpec.from_inputs("custom", 4, "0," + "9" * 10)
+    with pytest.raises(ValueError, match="custom_key_steps: 100001 characters is too long"):
+        parse_key_step_list("0" + " " * 100_000)
+    with pytest.raises(ValueError, match="custom_key_steps: 'x00000000000…' is not") as err:
+        parse_key_step_list("x" + "0" * 10_000)
+    assert len(str(err.value)) < 200  # the message quotes the bad entry, not all of it
+    # Leading zeros do not count, and large indices that fit still parse (they are ignored by shorter runs).
+    assert parse_key_step_list("0" * 5000 + "5," + "9" * 9) == (5, 999_999_999)
+
+
 def test_spec_validation_names_the_field():
     with pytest.raises(ValueError, match="key_steps"):
         KeyStepSpec("fastest")

@@ -62,6 +62,15 @@ def test_parse_errors_name_the_field(text, match):
     assert match in str(err.value)
 
 
+def test_huge_custom_schedule_is_refused_before_parsing():
+    with pytest.raises(ValueError, match="custom_schedule: 100001 characters is too long") as err:
+        ScheduleSpec(strategy="custom", custom_schedule="1" * 100_001)
+    assert "resampled" in str(err.value)
+    with pytest.raises(ValueError, match="custom_schedule: 100001 characters"):
+        parse_bits("1" + " " * 100_000)
+    assert parse_bits("10" * 50_000).steps == 100_000  # the limit itself still parses
+
+
 def test_reuse_count_steps_and_fraction():
     assert reuse_count(20, reuse_steps=10) == 10
     assert reuse_count(20, reuse_fraction=0.5) == 10

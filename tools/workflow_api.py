@@ -96,11 +96,17 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """The API prompt (``{node_id: {class_type, inputs, _meta}}``) for a UI-format workflow."""
     links = {}
     for link in workflow.get("links", []):
-        if isinstance(link, dict):  # version 1 schema stores links as objects
-            links[link["id"]] = (link["origin_id"], link["origin_slot"])
-        else:
-            link_id, from_node, from_slot = link[0], link[1], link[2]
-            links[link_id] = (from_node, from_slot)
+        try:
+            if isinstance(link, dict):  # version 1 schema stores links as objects
+                links[link["id"]] = (link["origin_id"], link["origin_slot"])
+            else:
+                link_id, from_node, from_slot = link[0], link[1], link[2]
+                links[link_id] = (from_node, from_slot)
+        except (KeyError, IndexError, TypeError) as exc:
+            raise WorkflowConversionError(
+                f"links: malformed entry {link!r}; expected [id, from_node, from_slot, to_node, to_slot, type] "
+                "or an object with id, origin_id and origin_slot"
+            ) from exc
 
     prompt = {}
     for node in workflow.get("nodes", []):
@@ -117,6 +123,11 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             link_id = socket.get("link")
             if link_id is None:
                 continue
+            if link_id not in links:
+                raise WorkflowConversionError(
+                    f"node {node['id']} ({node_type}): input {socket.get('name')!r} uses link {link_id!r}, which is "
+                    "not in the workflow's links; the file is inconsistent (reconnect the input and save it again)"
+                )
             from_node, from_slot = links[link_id]
             inputs[socket["name"]] = [str(from_node), from_slot]
         prompt[str(node["id"])] = {

@@ -1,0 +1,11 @@
+"""The pack's V3 extension: the node list ComfyUI asks ``comfy_entrypoint`` for."""
+
+from comfy_api.latest import ComfyExtension, io
+
+
+class ReuseExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .attention_reuse import AttentionMapReuse
+        from .encoder_propagation import EncoderFeaturePropagation
+
+        return [AttentionMapReuse, EncoderFeaturePropagation]
