@@ -39,8 +39,8 @@ Per step (``ReuseSchedule``): a reuse step (bit 0) returns ``P_cached @ V`` (``m
 output (``mode="output"``) for targeted layers; a compute step that a reuse step follows (``store_steps``)
 keeps the map (explicit softmax, ``attention_math.attention_map``, next to the host's own output) or the fused
 output; any other compute step just calls ``fused()``. A missing or mismatched cache entry (new chunk
-composition, changed shape, over-budget store) falls back to ``fused()``; budget refusals are logged once per run. With no reuse
-step in the schedule every call is ``fused()``, so the output is bit-identical to the unpatched host.
+composition, changed shape, over-budget store) falls back to ``fused()``; budget refusals are logged once per
+run. With no reuse step in the schedule every call is ``fused()``, so the output is bit-identical to the unpatched host.
 """
 
 from __future__ import annotations
