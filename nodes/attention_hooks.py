@@ -69,7 +69,8 @@ FORWARD_KEY = "comfyui_reuse.attention.forward"
 # attention with transformer_options, checked on ComfyUI 0.3.64 and 0.33.0. Tested with tiny real models
 # (tests/test_attention_reuse_comfy.py, tests/test_attention_families_comfy.py): U-Net (SD1.5, SDXL), Flux.1,
 # Flux.2, Chroma, SD3, SD3.5, Lumina 2, Z-Image, Qwen-Image, Wan 2.1/2.2, HunyuanVideo 1.0/1.5, LTX-Video,
-# Kandinsky 5, CogVideoX, Lens, MageFlow (the last four and Flux.2, Z-Image, HunyuanVideo 1.5: 0.33.0 only).
+# Kandinsky 5, CogVideoX, Lens, MageFlow, Krea 2, JoyImage, Ideogram 4, Boogu (these eight and Flux.2, Z-Image,
+# HunyuanVideo 1.5 exist in 0.33.0 only).
 # Listed but not tested: HiDream, Mochi, Cosmos, Cosmos Predict2.
 SUPPORTED_DIFFUSION_MODELS = {
     "UNetModel": "U-Net (SD1.x/2.x/SDXL/SVD)",
@@ -89,6 +90,10 @@ SUPPORTED_DIFFUSION_MODELS = {
     "CogVideoXTransformer3DModel": "CogVideoX",
     "LensTransformer2DModel": "Lens",
     "MageFlowTransformer2DModel": "MageFlow",
+    "SingleStreamDiT": "Krea 2",
+    "JoyImageTransformer3DModel": "JoyImage",
+    "Ideogram4Transformer2DModel": "Ideogram 4",
+    "BooguTransformer2DModel": "Boogu",
 }
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 import uuid
@@ -271,7 +272,11 @@ class ComfyExecutor:
 
         self._load_nodes()
         self.server = _StubServer()
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        # ComfyUI after 0.3.64 takes cache_args (and reads its "ram" entries on every prompt) instead of cache_size.
+        extra = {"cache_args": {"lru": 0, "ram": 0, "ram_inactive": 0}}
+        if "cache_args" not in inspect.signature(execution.PromptExecutor).parameters:
+            extra = {}
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC, **extra)
 
     @classmethod
     def _load_nodes(cls) -> None:

@@ -159,7 +159,6 @@ def flux2(seed: int = 0) -> TinyDiT:
     import comfy.supported_models
 
     _require("Flux.2", "Flux2")
-    _require("Flux.2", "Flux2", module=comfy.supported_models)
     unet = _flux_unet(
         image_model="flux2",
         in_channels=128,
@@ -715,6 +714,10 @@ FAMILIES = {
     "cogvideox": Family("CogVideoX", cogvideox, "CogVideoXTransformer3DModel"),
     "lens": Family("Lens", lens, "LensTransformer2DModel"),
     "mage_flow": Family("MageFlow", mage_flow, "MageFlowTransformer2DModel"),
+    "krea2": Family("Krea 2", krea2, "SingleStreamDiT"),
+    "joyimage": Family("JoyImage", joyimage, "JoyImageTransformer3DModel"),
+    "ideogram4": Family("Ideogram 4", ideogram4, "Ideogram4Transformer2DModel"),
+    "boogu": Family("Boogu", boogu, "BooguTransformer2DModel"),
 }
 
 # Families whose attention does not go through the hook: the pack refuses them, naming the class.

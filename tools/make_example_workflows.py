@@ -3,8 +3,10 @@
 The widget order in ``widgets_values`` must match each node's declared inputs exactly, so the values are
 never typed by hand: every node is described by name -> value, unspecified widgets take the schema's
 default, and the list is laid out with the same rules the frontend uses (``tools/workflow_api.py``).
-Node definitions come from ComfyUI itself, imported in-process on the CPU (``tests/comfy_harness.py``),
-so re-running this after a node gains or renames an input keeps the examples loadable.
+Node definitions come from ComfyUI itself, imported in-process on the CPU (``reuse_bench/comfyui_env.py``),
+so re-running this after a node gains or renames an input keeps the examples loadable. They are generated with
+the oldest tested ComfyUI (``GENERATED_WITH``): newer ones describe the same core nodes differently (V3 schemas,
+SaveImage's output), and the browser test loads the files in every tested version's own frontend.
 
 Usage: ``python tools/make_example_workflows.py`` (writes into ``example_workflows/``);
 ``--check`` exits non-zero when the files on disk differ from what would be generated.
@@ -26,6 +28,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from workflow_api import FRONTEND_ONLY_NODES, has_control_widget, is_widget, ordered_inputs  # noqa: E402
 
 OUT_DIR = REPO / "example_workflows"
+GENERATED_WITH = "0.3.64"
 PACK_ID = "comfyui-reuse"
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
@@ -70,10 +73,13 @@ def _v1_node_info(name: str, cls, display_names: dict) -> dict:
 
 def local_object_info() -> dict:
     """``/object_info`` for the core nodes the examples use and every node of this pack, computed in-process."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from comfy_harness import import_comfy, load_pack
+    sys.path.insert(0, str(REPO))
+    from reuse_bench.comfyui_env import comfyui_version, find_comfyui, import_comfy, load_pack
 
     import_comfy()
+    if comfyui_version(find_comfyui()) != GENERATED_WITH:
+        raise SystemExit(f"generate the examples with ComfyUI {GENERATED_WITH}: COMFYUI_PATH=../shared/comfyui/v"
+                         f"{GENERATED_WITH} .venvs/comfyui-v{GENERATED_WITH}/bin/python tools/make_example_workflows.py")
     import nodes as comfy_nodes  # ComfyUI's nodes.py (the harness puts the ComfyUI root first on sys.path)
 
     info = {}
