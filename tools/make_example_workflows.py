@@ -78,8 +78,11 @@ def local_object_info() -> dict:
 
     import_comfy()
     if comfyui_version(find_comfyui()) != GENERATED_WITH:
-        raise SystemExit(f"generate the examples with ComfyUI {GENERATED_WITH}: COMFYUI_PATH=../shared/comfyui/v"
-                         f"{GENERATED_WITH} .venvs/comfyui-v{GENERATED_WITH}/bin/python tools/make_example_workflows.py")
+        version = f"v{GENERATED_WITH}"
+        raise SystemExit(
+            f"generate the examples with ComfyUI {version}: COMFYUI_PATH=../shared/comfyui/{version} "
+            f".venvs/comfyui-{version}/bin/python tools/make_example_workflows.py"
+        )
     import nodes as comfy_nodes  # ComfyUI's nodes.py (the harness puts the ComfyUI root first on sys.path)
 
     info = {}
