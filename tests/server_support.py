@@ -116,12 +116,13 @@ def build_tiny_checkpoint_state_dict(kind: str, seed: int = 0) -> dict:
     The U-Net is ComfyUI's own ``UNetModel`` at the tiny config above, the text encoders are ComfyUI's
     CLIP-L (SD1.5) or CLIP-L + CLIP-G (SDXL) at their real sizes (their configs are fixed), and the VAE
     is a TAESD autoencoder, which ComfyUI's ``VAE`` recognises from its keys inside a checkpoint.
-    Keys are produced by ``BaseModel.state_dict_for_saving``, the path ComfyUI's CheckpointSave uses.
+    Keys are produced by ``state_dict_for_saving``, the path ComfyUI's CheckpointSave uses.
     """
     import torch
     from comfy_harness import import_comfy
 
     import_comfy()
+    import comfy.model_patcher
     import comfy.sd1_clip
     import comfy.sdxl_clip
     import comfy.supported_models
@@ -144,7 +145,11 @@ def build_tiny_checkpoint_state_dict(kind: str, seed: int = 0) -> dict:
     _fill_random_(vae, seed + 2, std=0.05)
     vae.vae_scale.data.fill_(1.0)
     vae_sd = {k: v.to(dtype) for k, v in vae.state_dict().items()}
-    sd = model.state_dict_for_saving(text_encoder.state_dict(), vae_sd)
+    patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    if hasattr(patcher, "state_dict_for_saving"):  # ComfyUI after 0.3.64: the patcher collects the U-Net's keys
+        sd = patcher.state_dict_for_saving(text_encoder.state_dict(), vae_sd)
+    else:
+        sd = model.state_dict_for_saving(text_encoder.state_dict(), vae_sd)
     return {k: v.contiguous() for k, v in sd.items()}
 
 
@@ -177,6 +182,7 @@ def ensure_tiny_checkpoints(cache_dir: Path, kinds: tuple[str, ...]) -> dict[str
         args = [sys.executable, str(Path(__file__).resolve()), "make-checkpoints"]
         args += [f"{kind}={paths[kind]}" for kind in missing]
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACK_DIR), env.get("PYTHONPATH", "")) if p)
         result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
             raise RuntimeError(f"generating tiny checkpoints failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
