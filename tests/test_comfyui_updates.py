@@ -1,6 +1,8 @@
-"""Attention Map Reuse against what ComfyUI changed after 0.3.64: conds computed in threads (multi-GPU), q/k/v in
-``AttentionTensorContainer``s, grouped-query attention (``enable_gqa``) and another node's override in the slot."""
+"""Both nodes against what ComfyUI changed after 0.3.64: conds computed in threads (multi-GPU), the ``latent_shapes``
+keyword of ``OUTER_SAMPLE``, q/k/v in ``AttentionTensorContainer``s, grouped-query attention (``enable_gqa``) and
+another node's override in the attention slot. A test whose ComfyUI lacks the feature skips and names it."""
 
+import inspect
 import logging
 import re
 import threading
@@ -76,20 +78,56 @@ class SplitCondsIntoThreads:
         return results
 
 
-def test_two_threads_in_the_model_at_once_keep_their_own_layers_and_steps(node, comfy, caplog):
+def _split_into_threads(model, threaded: bool):
     import comfy.patcher_extension
 
+    split = SplitCondsIntoThreads(threaded)
+    model = model.clone()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test_split", split)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_split", split.inside_model)
+    return model
+
+
+def test_two_threads_in_the_model_at_once_keep_their_own_layers_and_steps(node, comfy, caplog):
     caplog.set_level(logging.INFO)
     model = h.sharpen_attention(h.tiny_model("sd15", seed=3))
+    reuse = patched(node, model, strategy="hurry", reuse_steps=3, mode="map")
     outputs = {}
     for threaded in (False, True):
-        split = SplitCondsIntoThreads(threaded)
-        reuse = patched(node, model, strategy="hurry", reuse_steps=3, mode="map").clone()
-        reuse.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test_split", split)
-        reuse.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_split", split.inside_model)
-        outputs[threaded] = h.sample(reuse, steps=STEPS)
+        outputs[threaded] = h.sample(_split_into_threads(reuse, threaded), steps=STEPS)
         assert reused_calls(caplog) > 0
     assert torch.equal(outputs[True], outputs[False]), "threads computing conds at once changed the result"
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+def test_encoder_propagation_with_conds_in_two_threads(comfy, parallel):
+    encoder = h.pack_node("EncoderFeaturePropagation")
+    model = h.tiny_model("sd15", seed=3)
+    inputs = h.node_inputs(encoder, key_steps="uniform", uniform_k=3, parallel_decoding=parallel)
+    propagated = encoder.execute(model=model, **inputs).result[0]
+    outputs = {threaded: h.sample(_split_into_threads(propagated, threaded), steps=STEPS) for threaded in (False, True)}
+    assert torch.allclose(outputs[True], outputs[False], atol=1e-5)
+    assert not torch.equal(outputs[True], h.sample(model, steps=STEPS))
+
+
+def test_outer_sample_passes_latent_shapes_through(node, comfy):
+    import comfy.patcher_extension
+    import comfy.samplers
+
+    if "latent_shapes" not in inspect.signature(comfy.samplers.CFGGuider.outer_sample).parameters:
+        pytest.skip(f"OUTER_SAMPLE has no latent_shapes keyword in ComfyUI {h.comfyui_version(h.find_comfyui())}")
+    encoder = h.pack_node("EncoderFeaturePropagation")
+    model = h.tiny_model("sd15", seed=3)
+    both = encoder.execute(model=patched(node, model, reuse_steps=2), **h.node_inputs(encoder)).result[0].clone()
+    seen = []
+
+    def innermost(executor, *args, **kwargs):  # added last: runs inside both nodes' OUTER_SAMPLE wrappers
+        seen.append(kwargs.get("latent_shapes"))
+        return executor(*args, **kwargs)
+
+    both.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "test_spy", innermost)
+    assert torch.isfinite(h.sample(both, steps=STEPS)).all()
+    assert seen and seen[0] is not None, "latent_shapes did not reach the inner OUTER_SAMPLE executor"
 
 
 def _engine_context(hooks, run, step):
