@@ -65,3 +65,31 @@ def test_ssim_of_a_constant_shift_only_loses_luminance_term():
     c1 = 0.01**2
     expected = (2 * 0.4 * 0.6 + c1) / (0.4**2 + 0.6**2 + c1)
     assert ssim(x, y, data_range=1.0) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("distortion", ["noise", "shift", "darken", "grey_noise"])
+def test_ssim_matches_scikit_image_on_real_photographs(distortion):
+    """Our SSIM against scikit-image's (Gaussian 11x11, sigma 1.5, population covariance: Wang et al. 2004)."""
+    np = pytest.importorskip("numpy")
+    skimage = pytest.importorskip("skimage", reason="scikit-image is a dev dependency (requirements/bench.txt)")
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    reference = (skimage.data.camera() if distortion == "grey_noise" else skimage.data.astronaut()) / 255.0
+    image = {
+        "noise": lambda r: np.clip(r + rng.normal(0, 0.1, r.shape), 0, 1),
+        "shift": lambda r: np.roll(r, 3, axis=1),
+        "darken": lambda r: r * 0.6,
+        "grey_noise": lambda r: np.clip(r + rng.normal(0, 0.05, r.shape), 0, 1),
+    }[distortion](reference)
+    channel_axis = None if reference.ndim == 2 else 2
+    theirs = structural_similarity(
+        image, reference, data_range=1.0, channel_axis=channel_axis, gaussian_weights=True, sigma=1.5,
+        use_sample_covariance=False,
+    )  # fmt: skip
+
+    def as_batch(a):
+        t = torch.from_numpy(a)
+        return t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+
+    assert ssim(as_batch(image), as_batch(reference), data_range=1.0) == pytest.approx(theirs, abs=1e-9)
