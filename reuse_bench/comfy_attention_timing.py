@@ -1,15 +1,15 @@
-"""Issue-2 benchmark: Attention Map Reuse on a full-size SD1.5 U-Net (random weights) in real ComfyUI.
+"""Benchmark: Attention Map Reuse on a full-size SD1.5 U-Net (random weights) in real ComfyUI.
 
 Measures, all in one process on the CPU:
 
 1. U-Net time of one CFG step (batch 2) at each size: a baseline step (unpatched model), and for each mode
-   ("map", "output") a storing step (map: explicit softmax + keeping the maps; output: fused attention +
-   keeping the outputs) and a reuse step. Each is the median of ``repeats`` steps: the patched runs use the
+   ("map", "output") a storing step (map: fused attention + the explicit softmax map kept; output: fused
+   attention + keeping the outputs) and a reuse step. Each is the median of ``repeats`` steps: the patched runs use the
    custom schedule ``10`` * repeats, so every even step stores and every odd step reuses.
 2. End-to-end wall time of ``e2e_steps`` steps at ``e2e_size`` for the baseline, HURRY(10) and the PHAST
    preset in both modes, as ratios against the baseline, plus PSNR of the final latent against the baseline.
 
-Usage (the lead runs the full one on a quiet machine; 512x512 steps take 15-25 s each on 2 cores)::
+Usage (run the full one on an otherwise idle machine; 512x512 steps take 15-25 s each on 2 cores)::
 
     python -m reuse_bench.comfy_attention_timing --comfyui ../shared/comfyui/v0.33.0            # full, prints Markdown
     python -m reuse_bench.comfy_attention_timing --comfyui ../shared/comfyui/v0.33.0 --smoke    # 64x64, seconds

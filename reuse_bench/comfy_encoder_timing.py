@@ -1,4 +1,4 @@
-"""Issue-3 benchmark: Encoder Feature Propagation on a full-size SD1.5 U-Net (random weights) in real ComfyUI.
+"""Benchmark: Encoder Feature Propagation on a full-size SD1.5 U-Net (random weights) in real ComfyUI.
 
 Random weights are fine: the cost of a step does not depend on the weight values. Everything runs in one
 process on the CPU (ComfyUI in CPU mode), so ratios compare like with like.
@@ -16,7 +16,7 @@ carries the ceiling implied by the measured encoder share ``e`` (Part 1 at the s
 steps out of ``N``: ``N / (K + (N - K) * (1 - e))``; wall time also includes the sampler, CFG and the
 latent bookkeeping, which the ceiling ignores.
 
-Run (the lead, on a quiet machine)::
+Run (on an otherwise idle machine)::
 
     python -m reuse_bench.comfy_encoder_timing [--comfyui ../shared/comfyui/v0.33.0] [--quick]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README "Run the tests": every test, against every tested ComfyUI version, each in its own virtual environment.
+# The README's test command (details: docs/development.md): every test, against every tested ComfyUI version, each in its own virtual environment.
 #
 #   bash scripts/test.sh                  all versions: the whole suite on v0.3.64, every ComfyUI test on v0.33.0
 #   bash scripts/test.sh v0.33.0 [ARGS]   one version (ARGS go to pytest, e.g. -k flux or -m "not comfyui")

@@ -166,7 +166,7 @@ def easycache(model):
     return output.result[0]
 
 
-# What each node does when chained with core EasyCache (update together with the README table).
+# What each node does when chained with core EasyCache (update together with docs/compatibility.md).
 EASYCACHE_BEHAVIOUR = {"AttentionMapReuse": "works", "EncoderFeaturePropagation": "works"}
 
 
