@@ -26,11 +26,11 @@ Layer keys: on a U-Net (the attention call carries ``block``/``block_index``) a 
 Feature Propagation's decoder-only steps, where the encoder's attention calls do not happen. Models without block
 information (DiTs) use the call's ordinal within the forward.
 
-Chained with Encoder Feature Propagation: a decoder-only pass at one step is an ordinary forward of that step
-(decoder layers follow the step's bit; encoder layers simply do not run). A parallel decoder batch carries
-``comfy_steps.DECODER_STEPS_KEY`` (the step of each block of rows); its attention calls go through
-``AttentionReuseRun.attention_steps``: each block of rows follows its own step's bit, in step order, so parallel
-and sequential decoding make the same reuse decisions.
+Chained with Encoder Feature Propagation (either order): a decoder-only pass at one step is an ordinary forward
+of that step, so decoder layers follow the step's bit. Encoder layers run only at key steps: at a reuse step they
+reuse what they kept at the last store step where they ran, or compute fresh (counted as fallbacks). A parallel
+decoder batch carries ``comfy_steps.DECODER_STEPS_KEY``; its attention calls go through
+``AttentionReuseRun.attention_steps``, so parallel and sequential decoding make the same reuse decisions.
 
 Steps and multi-evaluation samplers: a call whose sigma equals ``sample_sigmas[i]`` belongs to step ``i``
 and follows bit ``i`` of the schedule. Heun-type samplers evaluate a second time at the next step's sigma;
@@ -49,8 +49,8 @@ import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+from ..reuse_core.attention_engine import AttentionReuseConfig, AttentionReuseRun
 from ..reuse_core.attention_math import attention_kind
-from ..reuse_core.attention_reuse import AttentionReuseConfig, AttentionReuseRun
 from ..reuse_core.schedules import ReuseSchedule, ScheduleSpec
 from .comfy_steps import (
     DECODER_STEPS_KEY,
@@ -298,7 +298,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = original_options
 
 
-def patch_model(model, config: AttentionReuseConfig, spec: ScheduleSpec, verbose: bool = False):
+def apply_attention_reuse(model, config: AttentionReuseConfig, spec: ScheduleSpec, verbose: bool = False):
     """Clone ``model`` (a ModelPatcher) and install attention reuse on the clone."""
     import comfy.patcher_extension
 

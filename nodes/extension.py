@@ -5,7 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 
 class ReuseExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        from .attention_reuse import AttentionMapReuse
-        from .encoder_propagation import EncoderFeaturePropagation
+        from .attention_node import AttentionMapReuse
+        from .encoder_node import EncoderFeaturePropagation
 
         return [AttentionMapReuse, EncoderFeaturePropagation]

@@ -1,4 +1,4 @@
-"""ComfyUI's ``UNetModel`` as an encoder/decoder host for ``reuse_core.encoder_propagation``.
+"""ComfyUI's ``UNetModel`` as an encoder/decoder host for ``reuse_core.encoder_engine``.
 
 Full passes run ComfyUI's own forward (the ``DIFFUSION_MODEL`` executor) with two patches added for that call
 only: an ``input_block_patch`` placed last (its return value is what enters ``hs``, after ControlNet input
@@ -11,15 +11,15 @@ Decoder-only passes walk ``output_blocks`` exactly as ``UNetModel._forward`` doe
 ``forward_timestep_embed`` and ``apply_control``, running other packs' ``emb_patch`` and ``output_block_patch``
 patches, ControlNet output residuals, SDXL's ``label_emb(y)`` and the ``block`` / ``transformer_index`` /
 ``original_shape`` keys that block and attention patches read. The time embedding is recomputed for the
-decoder's own timesteps. Nothing else of ``_forward`` is repeated. A parallel decoder batch (several steps'
-decoders in one batch) also carries ``comfy_steps.DECODER_STEPS_KEY``: the step of each block of rows.
+decoder's own timesteps. Nothing else of ``_forward`` is repeated. A parallel decoder batch carries
+``comfy_steps.DECODER_STEPS_KEY``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..reuse_core.encoder_propagation import EncoderFeatures
+from ..reuse_core.encoder_engine import EncoderFeatures
 from .comfy_steps import DECODER_STEPS_KEY
 
 UNET_ARG_NAMES = ("x", "timesteps", "context", "y", "control", "transformer_options")

@@ -31,7 +31,7 @@ MODES = ("map", "output")
 
 def _node(comfy_path):
     sd15_comfy.load_pack(comfy_path)
-    return importlib.import_module(f"{sd15_comfy.PACK_MODULE}.nodes.attention_reuse").AttentionMapReuse
+    return importlib.import_module(f"{sd15_comfy.PACK_MODULE}.nodes.attention_node").AttentionMapReuse
 
 
 def _patch(node, model, *, strategy, mode, reuse_steps=0, custom_schedule="1", budget_mb):

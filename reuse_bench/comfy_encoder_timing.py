@@ -43,9 +43,9 @@ def load_pack(comfy_path=None):
     """The pack's encoder-propagation modules, imported as ComfyUI would load the pack."""
     package = sd15_comfy.load_pack(comfy_path).__name__
     return {
-        "node": importlib.import_module(f"{package}.nodes.encoder_propagation"),
+        "node": importlib.import_module(f"{package}.nodes.encoder_hooks"),
         "host": importlib.import_module(f"{package}.nodes.unet_decoder"),
-        "engine": importlib.import_module(f"{package}.reuse_core.encoder_propagation"),
+        "engine": importlib.import_module(f"{package}.reuse_core.encoder_engine"),
         "keys": importlib.import_module(f"{package}.reuse_core.key_steps"),
     }
 

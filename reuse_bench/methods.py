@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 from reuse_core.adapters.diffusers_attention import DiffusersAttentionReuse
 from reuse_core.adapters.diffusers_encoder import DiffusersUNetHost
-from reuse_core.attention_reuse import AttentionReuseConfig
-from reuse_core.encoder_propagation import EncoderPropagationConfig, EncoderPropagationEngine
+from reuse_core.attention_engine import AttentionReuseConfig
+from reuse_core.encoder_engine import EncoderPropagationConfig, EncoderPropagationEngine
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjection
 from reuse_core.schedules import ReuseSchedule

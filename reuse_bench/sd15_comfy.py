@@ -11,7 +11,7 @@ API
     package. Idempotent.
 ``load_pack(comfy_path=None) -> module``
     Imports this repository as the custom-node package ComfyUI would load (``comfyui_reuse``), so its nodes
-    can be used in-process: ``importlib.import_module("comfyui_reuse.nodes.attention_reuse")``.
+    can be used in-process: ``importlib.import_module("comfyui_reuse.nodes.attention_node")``.
 ``SD15_UNET_CONFIG``
     ComfyUI's own SD1.5 U-Net config (model_channels 320, channel_mult [1, 2, 4, 4], two res
     blocks per level, transformer depth 1, context 768, 8 heads).

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reuse_core.attention_engine import Action, AttentionReuseConfig, AttentionReuseRun
 from reuse_core.attention_math import attention_with_map, from_heads, reuse_map, to_heads
-from reuse_core.attention_reuse import Action, AttentionReuseConfig, AttentionReuseRun
 from reuse_core.schedules import hurry, parse_bits
 
 

@@ -19,7 +19,7 @@ NO_REUSE = dict(strategy="hurry", reuse_steps=0, custom_schedule="1")
 @pytest.fixture(scope="module")
 def node(comfy):
     h.load_pack()
-    return importlib.import_module("comfyui_reuse.nodes.attention_reuse").AttentionMapReuse
+    return importlib.import_module("comfyui_reuse.nodes.attention_node").AttentionMapReuse
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,9 @@ missing or red, that the pack's nodes show all their widgets with the saved valu
 "Export (API)" conversion equals ``tools/workflow_api.py``'s, and that queuing from the UI runs to
 completion with the images shown. Screenshots go to ``tests/_artifacts/browser/`` (gitignored).
 
+It runs against whichever frontend the server ships (1.27.10 with ComfyUI 0.3.64, 1.49.6 with 0.33.0): the
+few places where their UIs differ are the ``FrontendUI`` entries in ``FRONTEND_UIS``.
+
 Needs: Debian ``chromium`` (``/usr/bin/chromium`` or ``CHROMIUM_PATH``), ``playwright`` (the Python
 package only; no downloaded browser), and the real server of ``test_server_workflows.py``.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,7 +44,42 @@ CHROMIUM_ARGS = [
 ARTIFACTS = REPO_DIR / "tests" / "_artifacts" / "browser"
 BROWSER_IMAGE_SIZE = 32  # not the server test's 64, so ComfyUI's cache cannot answer for the UI run
 EXAMPLES = example_workflow_paths()
-TEMPLATE_DIALOG = "Get Started with a Template"
+
+
+@dataclass(frozen=True)
+class FrontendUI:
+    """What differs between the frontend versions the test drives (Playwright selectors)."""
+
+    template_dialog: str  # the template browser while it is open
+    missing_nodes_report: str  # what appears when a loaded workflow has node types nobody registered
+
+
+FRONTEND_UIS = {
+    # 1.27.10: PrimeVue dialogs; missing nodes (and models) open a "Some Nodes Are Missing" dialog.
+    (1, 27): FrontendUI(
+        template_dialog="text=Get Started with a Template",
+        missing_nodes_report="text=Some Nodes Are Missing",
+    ),
+    # 1.49.6: the template browser is a reka-ui dialog titled "Templates"; missing nodes, models and media open
+    # no dialog but an error overlay in the top right ("Missing node: <type>", "N errors found"), kept in sync
+    # with the right side panel's Errors tab, and their nodes are marked red.
+    (1, 49): FrontendUI(
+        template_dialog='[role="dialog"][aria-labelledby="global-workflow-template-selector"]',
+        missing_nodes_report='[data-testid="error-overlay"]',
+    ),
+}
+# Everything the frontends show to report a problem: dialogs (1.27.10's missing nodes/models; any modal in 1.49.6)
+# and 1.49.6's error overlay. Visibility is tested with getClientRects(): 1.49.6's dialogs are position: fixed,
+# where offsetParent is always null.
+REPORT_SELECTOR = '.p-dialog, [role="dialog"], [data-testid="error-overlay"]'
+
+
+def frontend_ui(version: str) -> FrontendUI:
+    """The UI of the newest listed frontend not newer than ``version`` (the version the server serves)."""
+    running = tuple(int(part) for part in version.split(".")[:2])
+    known = [v for v in FRONTEND_UIS if v <= running]
+    assert known, f"frontend {version} is older than every frontend this test knows ({sorted(FRONTEND_UIS)})"
+    return FRONTEND_UIS[max(known)]
 
 
 def browser_unavailable_reason() -> str | None:
@@ -80,53 +119,57 @@ def page(comfy_server, object_info, tmp_path_factory):
             tab.on("pageerror", lambda err: tab.console_errors.append(f"{err.message}\n{err.stack}"))
             tab.goto(comfy_server.url + "/", wait_until="domcontentloaded")
             tab.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
+            tab.frontend_version = tab.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+            tab.ui = frontend_ui(tab.frontend_version)
             yield tab
         finally:
             context.close()
 
 
-def _visible_dialogs(page) -> int:
-    return page.evaluate("() => Array.from(document.querySelectorAll('.p-dialog')).filter(d => d.offsetParent).length")
-
-
 def _close_dialogs(page) -> None:
+    """Close what a user would close before the next step: dialogs (Escape) and 1.49.6's error overlay (its X)."""
     for _ in range(5):
-        if not _visible_dialogs(page):
+        if not _graph_state(page)["dialogs"]:
             return
         page.keyboard.press("Escape")
+        for dismiss in page.locator('[data-testid="error-overlay-dismiss"]').all():
+            if dismiss.is_visible():
+                dismiss.click()
         page.wait_for_timeout(300)
     raise AssertionError(f"dialogs do not close: {_graph_state(page)['dialogs']}")
 
 
 def _open_template(page, stem: str) -> None:
     """Templates sidebar -> comfyui-reuse category -> the workflow's card (as a user does)."""
-    dialog_title = page.get_by_text(TEMPLATE_DIALOG)
-    if not dialog_title.is_visible():  # a fresh profile may already show it on first start
+    dialog = page.locator(page.ui.template_dialog)
+    if not dialog.is_visible():  # a fresh profile may already show it on first start
         page.locator("button.templates-tab-button").click()
-    dialog_title.wait_for(timeout=60_000)
+    dialog.wait_for(timeout=60_000)
     page.get_by_role("dialog").get_by_text(PACK_FOLDER_NAME, exact=True).first.click()
     page.locator(f'[data-testid="template-workflow-{stem}"]').click()
-    dialog_title.wait_for(state="hidden", timeout=60_000)
+    dialog.wait_for(state="hidden", timeout=60_000)
 
 
 def _graph_state(page) -> dict:
     return page.evaluate(
-        """() => ({
+        """(reports) => ({
             nodes: app.graph.nodes.map(n => ({
                 id: n.id, type: n.type, title: n.title,
                 registered: !!LiteGraph.registered_node_types[n.type],
                 has_errors: !!n.has_errors,
                 widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value})),
             })),
-            dialogs: Array.from(document.querySelectorAll('.p-dialog'))
-                .filter(d => d.offsetParent !== null).map(d => d.innerText.slice(0, 500)),
-        })"""
+            dialogs: Array.from(document.querySelectorAll(reports))
+                .filter(d => d.getClientRects().length > 0).map(d => d.innerText.slice(0, 500)),
+        })""",
+        REPORT_SELECTOR,
     )
 
 
 def _problems(state: dict) -> list[str]:
-    """Everything that makes a loaded workflow unusable: dialogs (missing nodes/models), unknown or red nodes."""
-    problems = [f"dialog open: {text!r}" for text in state["dialogs"]]
+    """Everything that makes a loaded workflow unusable: dialogs or error overlays (missing nodes/models),
+    unknown or red nodes."""
+    problems = [f"dialog/overlay open: {text!r}" for text in state["dialogs"]]
     for node in state["nodes"]:
         if not node["registered"]:
             problems.append(f"node {node['id']} type {node['type']!r} is not registered (missing node)")
@@ -152,10 +195,10 @@ def test_missing_node_is_detected(page):
     workflow["nodes"][0]["type"] = "NoSuchNodeFromAnotherPack"
     _close_dialogs(page)
     page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'missing-node-check'); }", workflow)
-    page.get_by_text("Some Nodes Are Missing").wait_for(timeout=10_000)
+    page.locator(page.ui.missing_nodes_report).first.wait_for(timeout=10_000)
     problems = _problems(_graph_state(page))
     assert any("NoSuchNodeFromAnotherPack" in p and "not registered" in p for p in problems), problems
-    assert any("NoSuchNodeFromAnotherPack" in p and "dialog open" in p for p in problems), problems
+    assert any("NoSuchNodeFromAnotherPack" in p and "dialog/overlay open" in p for p in problems), problems
     _close_dialogs(page)
 
 
@@ -171,14 +214,14 @@ def test_example_workflow_in_the_web_ui(page, comfy_server, object_info, path):
     assert not _problems(state), _problems(state)
 
     # the pack's nodes show every widget of their schema, holding the values saved in the file
-    saved = {n["id"]: n for n in workflow["nodes"]}
+    saved = {str(n["id"]): n for n in workflow["nodes"]}  # 1.49.6's graph holds the ids as strings
     for node in state["nodes"]:
         if node["type"] not in PACK_NODE_TYPES:
             continue
         expected_names = [w for w in workflow_api.widget_names(object_info[node["type"]]) if ":" not in w]
         assert [w["name"] for w in node["widgets"]] == expected_names
         values = [w["value"] for w in node["widgets"]]
-        assert values == pytest.approx(saved[node["id"]]["widgets_values"]), node["type"]
+        assert values == pytest.approx(saved[str(node["id"])]["widgets_values"]), node["type"]
 
     # the frontend's own UI->API conversion agrees with tools/workflow_api.py
     frontend_prompt = page.evaluate("async () => (await app.graphToPrompt()).output")

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reuse_core.attention_engine import AttentionReuseConfig, AttentionReuseRun
 from reuse_core.attention_math import from_heads, to_heads
-from reuse_core.attention_reuse import AttentionReuseConfig, AttentionReuseRun
 from reuse_core.metrics import psnr
 from reuse_core.schedules import ReuseSchedule
 

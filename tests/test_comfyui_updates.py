@@ -138,7 +138,7 @@ def _engine_context(hooks, run, step):
 
 
 def _run(hooks, mode="map"):
-    from comfyui_reuse.reuse_core.attention_reuse import AttentionReuseConfig, AttentionReuseRun
+    from comfyui_reuse.reuse_core.attention_engine import AttentionReuseConfig, AttentionReuseRun
     from comfyui_reuse.reuse_core.schedules import ReuseSchedule
 
     return AttentionReuseRun(AttentionReuseConfig(mode=mode), ReuseSchedule((1, 0)))

@@ -35,9 +35,9 @@ def sd15(comfy):
 @pytest.fixture(scope="module")
 def hooks(comfy):
     load_pack()
-    from comfyui_reuse.nodes import attention_hooks, comfy_steps, encoder_propagation
+    from comfyui_reuse.nodes import attention_hooks, comfy_steps, encoder_hooks
 
-    return attention_hooks, encoder_propagation, comfy_steps
+    return attention_hooks, encoder_hooks, comfy_steps
 
 
 class AttentionCacheProbe:

@@ -9,8 +9,8 @@ diffusers = pytest.importorskip("diffusers", reason="the diffusers adapters need
 
 from reuse_core.adapters.diffusers_attention import DiffusersAttentionReuse, ReuseAttnProcessor  # noqa: E402
 from reuse_core.adapters.diffusers_encoder import DiffusersUNetHost  # noqa: E402
-from reuse_core.attention_reuse import AttentionReuseConfig  # noqa: E402
-from reuse_core.encoder_propagation import EncoderPropagationEngine  # noqa: E402
+from reuse_core.attention_engine import AttentionReuseConfig  # noqa: E402
+from reuse_core.encoder_engine import EncoderPropagationEngine  # noqa: E402
 from reuse_core.key_steps import KeyStepSpec, make_plan  # noqa: E402
 from reuse_core.schedules import ReuseSchedule, hurry  # noqa: E402
 from reuse_core.steps import StepMatch  # noqa: E402

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from reuse_core.encoder_propagation import (
+from reuse_core.encoder_engine import (
     EncoderDecoderHost,
     EncoderFeatures,
     EncoderPropagationConfig,

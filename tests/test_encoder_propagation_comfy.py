@@ -15,7 +15,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def efp(comfy):
     load_pack()
-    return importlib.import_module("comfyui_reuse.nodes.encoder_propagation")
+    return importlib.import_module("comfyui_reuse.nodes.encoder_hooks")
 
 
 @pytest.fixture(scope="module")
@@ -283,9 +283,13 @@ def sample_custom(model, sampler, sigmas, kind):
     )
 
 
+def node_class():
+    return importlib.import_module("comfyui_reuse.nodes.encoder_node").EncoderFeaturePropagation
+
+
 class TestNode:
     def test_schema(self, efp):
-        schema = efp.EncoderFeaturePropagation.define_schema()
+        schema = node_class().define_schema()
         assert schema.node_id == "EncoderFeaturePropagation"
         assert schema.display_name == "Encoder Feature Propagation"
         assert all(i.tooltip for i in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
@@ -305,10 +309,10 @@ class TestNode:
     def test_registered_by_the_pack_entry_point(self, efp):
         from comfy_harness import pack_node
 
-        assert pack_node("EncoderFeaturePropagation") is efp.EncoderFeaturePropagation
+        assert pack_node("EncoderFeaturePropagation") is node_class()
 
     def execute(self, efp, model, **overrides):
-        node = efp.EncoderFeaturePropagation
+        node = node_class()
         return node.execute(model, **node_inputs(node, **overrides)).result[0]
 
     def test_execute_clones_and_validates(self, efp, models):

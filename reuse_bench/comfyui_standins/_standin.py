@@ -59,8 +59,15 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def make_standin(module: types.ModuleType) -> None:
     """Turn ``module`` (a package) into a stand-in whose attributes and submodules all import."""
+
+    def missing(attr):
+        if attr.startswith("__"):  # module probes (__file__, __version__, ...) by other libraries stay plain
+            raise AttributeError(attr)
+        return Unavailable(f"{module.__name__}.{attr}")
+
     module.__path__ = []
-    module.__getattr__ = lambda attr: Unavailable(f"{module.__name__}.{attr}")
+    module.__file__ = __file__  # tools that walk sys.modules (inspect, linecache, diffusers) expect a path
+    module.__getattr__ = missing
     root = module.__name__.split(".")[0]
     if module.__name__ == root and not any(isinstance(f, _Finder) and f.root == root for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder(root))

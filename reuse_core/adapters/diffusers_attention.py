@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..attention_engine import AttentionReuseConfig, AttentionReuseRun
 from ..attention_math import from_heads
-from ..attention_reuse import AttentionReuseConfig, AttentionReuseRun
 from ..schedules import ReuseSchedule
 
 

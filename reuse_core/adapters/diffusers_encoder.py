@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..encoder_propagation import EncoderFeatures
+from ..encoder_engine import EncoderFeatures
 
 _SUPPORTED_EXTRAS = ("class_labels", "timestep_cond", "text_embeds", "time_ids")
 

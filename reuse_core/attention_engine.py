@@ -48,7 +48,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -101,21 +101,67 @@ class AttentionReuseConfig:
 
 class Action(enum.Enum):
     COMPUTE = "compute"  # fused attention, nothing kept
-    STORE = "store"  # fused output kept (output mode) or explicit map kept (map mode)
+    STORE = "store"  # fused output, and the output (output mode) or the explicit map (map mode) kept
     REUSE = "reuse"
 
 
 @dataclass
 class ReuseStats:
+    """Counters of one run, and its warnings: each topic is logged once, later cases are only counted."""
+
     computed: int = 0
     stored: int = 0
     reused: int = 0
     fallbacks: int = 0  # reuse step without a usable entry: computed instead
     refused: int = 0  # store over budget: not kept
-    fresh: int = 0  # intermediate evaluations (step None)
+    fresh: int = 0  # intermediate evaluations (step None) and batches that cannot be split by step
     untargeted: int = 0
     steps_reused: set[int] = field(default_factory=set)
     layers: set[Hashable] = field(default_factory=set)
+    warned: set[str] = field(default_factory=set)
+
+    def warn_once(self, topic: str, message: str) -> None:
+        if topic not in self.warned:
+            self.warned.add(topic)
+            logger.warning(message)
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention call as the engine sees it: projected q/k/v in ``layout`` and where the call sits."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    heads: int
+    layer_key: Hashable
+    chunk_key: Hashable = ()
+    layout: str = "bnc"
+    output_layout: str = "bnc"
+    kind: str = "self"  # "self" / "cross"
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, q, k, v, *, heads, layer_key, chunk_key=(), layout="bnc", output_layout=None, kind=None, mask=None):
+        kind = kind or attention_kind(q, k, layout)
+        return cls(q, k, v, heads, layer_key, chunk_key, layout, output_layout or layout, kind, mask)
+
+    @property
+    def key(self) -> Hashable:
+        return (self.chunk_key, self.layer_key)
+
+    def split(self, n: int) -> list[AttentionCall] | None:
+        """``n`` calls on equal blocks of rows, or None where the batch (or its mask) cannot be split that way."""
+        rows = self.q.shape[0]
+        masks = _split_mask(self.mask, n, rows)
+        if n == 0 or rows % n or self.k.shape[0] != rows or self.v.shape[0] != rows or masks is None:
+            return None
+        size = rows // n
+        return [
+            replace(self, q=self.q[j * size : (j + 1) * size], k=self.k[j * size : (j + 1) * size],
+                    v=self.v[j * size : (j + 1) * size], mask=masks[j])
+            for j in range(n)
+        ]  # fmt: skip
 
 
 class AttentionReuseRun:
@@ -134,14 +180,12 @@ class AttentionReuseRun:
         device = "cpu" if config.cache_device == "cpu" else None
         self.cache = AttentionCache(config.budget_bytes, device=device)
         self.stats = ReuseStats()
-        self._warned: set[str] = set()
         # step that stored each cache entry: a reuse step may only read what its schedule source step kept
         self._stored_at: dict[Hashable, int] = {}
 
     def reset(self) -> None:
         self.cache.reset()
         self.stats = ReuseStats()
-        self._warned = set()
         self._stored_at = {}
 
     def action(self, step: int | None) -> Action:
@@ -149,10 +193,20 @@ class AttentionReuseRun:
             return Action.COMPUTE
         return self.plan[step]
 
-    def _warn_once(self, topic: str, message: str) -> None:
-        if topic not in self._warned:
-            self._warned.add(topic)
-            logger.warning(message)
+    def decide(self, call: AttentionCall, step: int | None) -> Action:
+        """What this call does at ``step`` (counted): compute, store or reuse."""
+        stats = self.stats
+        if step is None:
+            stats.fresh += 1
+            return Action.COMPUTE
+        if not self.config.targets_kind(call.kind):
+            stats.untargeted += 1
+            return Action.COMPUTE
+        stats.layers.add(call.layer_key)
+        action = self.action(step)
+        if action is Action.COMPUTE:
+            stats.computed += 1
+        return action
 
     def attention(
         self,
@@ -170,46 +224,9 @@ class AttentionReuseRun:
         kind: str | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        output_layout = output_layout or layout
-        stats = self.stats
-        if step is None:
-            stats.fresh += 1
-            return fused()
-        if kind is None:
-            kind = attention_kind(q, k, layout)
-        if not self.config.targets_kind(kind):
-            stats.untargeted += 1
-            return fused()
-        stats.layers.add(layer_key)
-        action = self.action(step)
-        key = (chunk_key, layer_key)
-        if action is Action.COMPUTE:
-            stats.computed += 1
-            return fused()
-        if action is Action.REUSE:
-            # An entry kept at an earlier store step is stale when the source step's forward never reached us
-            # (another cache such as EasyCache skipped it): compute rather than reuse older attention.
-            source = self._sources[step]
-            fresh_entry = self._stored_at.get(key) == source
-            out = self._reuse(key, q, k, v, heads, layout, output_layout) if fresh_entry else None
-            if out is not None:
-                stats.reused += 1
-                stats.steps_reused.add(step)
-                return out
-            stats.fallbacks += 1
-            why = (
-                "its shape does not match this call"
-                if fresh_entry
-                else f"the layer stored nothing at step {source} (it did not run there, e.g. encoder propagation "
-                "or a step cache skipped it, or its store was refused, see memory_budget_mb)"
-            )
-            self._warn_once(
-                "fallback",
-                f"attention reuse: no usable cached {self.config.mode} for a layer at step {step}: {why}; "
-                "computing it instead (further fallbacks are counted, not logged)",
-            )
-            return fused()
-        return self._store(fused, key, step, q, k, v, heads, layout, mask)
+        call = AttentionCall.of(q, k, v, heads=heads, layer_key=layer_key, chunk_key=chunk_key, layout=layout,
+                                output_layout=output_layout, kind=kind, mask=mask)  # fmt: skip
+        return self._carry_out(self.decide(call, step), fused, call, step)
 
     def attention_steps(
         self,
@@ -230,116 +247,107 @@ class AttentionReuseRun:
         """One attention call whose batch holds several sampling steps (a parallel decoder batch).
 
         The rows are ``len(row_steps)`` equal blocks, block ``j`` at step ``row_steps[j]`` (None: unknown, computed
-        fresh). ``fused_on(q, k, v, mask)`` runs the host's normal attention on any rows of the call. Each block
-        follows its own step's schedule bit, in block order, so a block can reuse what the block before it just
-        stored: the same decisions as decoding those steps one after the other, at the same cache keys. When no
-        block stores or reuses, the whole batch runs as one fused call. A batch that cannot be split evenly (or
-        whose mask has another batch size) is computed fresh as a whole and never touches the cache.
+        fresh). ``fused_on(q, k, v, mask)`` runs the host's normal attention on any rows of the call. Split, decide
+        per block, join: each block follows its own step's schedule bit, in block order, so a block can reuse what
+        the block before it just stored, the same decisions as decoding those steps one after the other, at the
+        same cache keys. When no block stores or reuses, the whole batch runs as one fused call. A batch that cannot
+        be split evenly (or whose mask has another batch size) is computed fresh as a whole, never touching the cache.
         """
-        output_layout = output_layout or layout
-        stats = self.stats
-        n, rows = len(row_steps), q.shape[0]
-        whole = (q, k, v, mask)
-        if n == 1:
-            return self.attention(
-                lambda: fused_on(*whole),
-                q,
-                k,
-                v,
-                heads=heads,
-                step=row_steps[0],
-                layer_key=layer_key,
-                chunk_key=chunk_key,
-                layout=layout,
-                output_layout=output_layout,
-                kind=kind,
-                mask=mask,
-            )
-        masks = _split_mask(mask, n, rows)
-        if n == 0 or rows % n or k.shape[0] != rows or v.shape[0] != rows or masks is None:
-            stats.fresh += max(n, 1)
-            self._warn_once(
+        call = AttentionCall.of(q, k, v, heads=heads, layer_key=layer_key, chunk_key=chunk_key, layout=layout,
+                                output_layout=output_layout, kind=kind, mask=mask)  # fmt: skip
+        blocks = call.split(len(row_steps))
+        if blocks is None:
+            self.stats.fresh += max(len(row_steps), 1)
+            self.stats.warn_once(
                 "split",
-                f"attention reuse: a {rows}-row batch of {n} steps cannot be split by step; computing its "
-                "attention fresh (further cases are counted, not logged)",
+                f"attention reuse: a {q.shape[0]}-row batch of {len(row_steps)} steps cannot be split by step; "
+                "computing its attention fresh (further cases are counted, not logged)",
             )
-            return fused_on(*whole)
-        if kind is None:
-            kind = attention_kind(q, k, layout)
-        if not self.config.targets_kind(kind):
-            stats.untargeted += n
-            return fused_on(*whole)
-        if all(step is None or self.action(step) is Action.COMPUTE for step in row_steps):
-            for step in row_steps:
-                if step is None:
-                    stats.fresh += 1
-                else:
-                    stats.computed += 1
-                    stats.layers.add(layer_key)
-            return fused_on(*whole)
-        size = rows // n
-        outs = []
-        for j, step in enumerate(row_steps):
-            part = (*(t[j * size : (j + 1) * size] for t in (q, k, v)), masks[j])
-            outs.append(
-                self.attention(
-                    lambda part=part: fused_on(*part),
-                    *part[:3],
-                    heads=heads,
-                    step=step,
-                    layer_key=layer_key,
-                    chunk_key=chunk_key,
-                    layout=layout,
-                    output_layout=output_layout,
-                    kind=kind,
-                    mask=part[3],
-                )
-            )
+            return fused_on(q, k, v, mask)
+        actions = [self.decide(block, step) for block, step in zip(blocks, row_steps, strict=True)]
+        if all(action is Action.COMPUTE for action in actions):
+            return fused_on(q, k, v, mask)
+        outs = [
+            self._carry_out(action, lambda b=block: fused_on(b.q, b.k, b.v, b.mask), block, step)
+            for action, block, step in zip(actions, blocks, row_steps, strict=True)
+        ]
         return torch.cat(outs, dim=0)
 
-    def _store(self, fused, key, step, q, k, v, heads, layout, mask) -> torch.Tensor:
+    def _carry_out(self, action: Action, fused: Callable[[], torch.Tensor], call: AttentionCall, step) -> torch.Tensor:
+        if action is Action.REUSE:
+            out = self._reuse(call, step)
+            return fused() if out is None else out
+        if action is Action.STORE:
+            return self._store(fused, call, step)
+        return fused()
+
+    def _store(self, fused, call: AttentionCall, step: int) -> torch.Tensor:
         stats, cache = self.stats, self.cache
+        # The step itself returns the host's own attention output, so a store step is exactly the unpatched step
+        # whatever the backend; the map is an extra product kept for the reuse steps.
+        out = fused()
         if self.config.mode == "output":
-            out = fused()
-            stored = cache.put(key, out)
+            stored = cache.put(call.key, out)
         else:
-            qh = to_heads(q, heads, layout)
-            kh = kv_to_heads(k, heads, qh.shape[-1], layout)
-            nbytes = qh.shape[0] * qh.shape[1] * qh.shape[2] * kh.shape[2] * v.element_size()
-            stored = cache.fits(nbytes, key)
-            # The step itself keeps the host's own attention output, so a store step is exactly the unpatched
-            # step whatever the backend; the map is an extra product kept for the reuse steps.
-            out = fused()
+            qh = to_heads(call.q, call.heads, call.layout)
+            kh = kv_to_heads(call.k, call.heads, qh.shape[-1], call.layout)
+            nbytes = qh.shape[0] * qh.shape[1] * qh.shape[2] * kh.shape[2] * call.v.element_size()
+            stored = cache.fits(nbytes, call.key)
             if stored:
-                cache.put(key, attention_map(qh, kh, mask=mask, map_dtype=v.dtype))
+                cache.put(call.key, attention_map(qh, kh, mask=call.mask, map_dtype=call.v.dtype))
             else:
-                cache.refuse(key)
+                cache.refuse(call.key)
         if stored:
             stats.stored += 1
-            self._stored_at[key] = step
+            self._stored_at[call.key] = step
         else:
-            self._stored_at.pop(key, None)
+            self._stored_at.pop(call.key, None)
             stats.refused += 1
-            self._warn_once(
+            stats.warn_once(
                 "budget",
                 f"attention reuse: memory budget of {self.config.memory_budget_mb:g} MB "
                 f"reached; layers that do not fit compute their attention instead of reusing it",
             )
         return out
 
-    def _reuse(self, key, q, k, v, heads, layout, output_layout) -> torch.Tensor | None:
-        entry = self.cache.get(key, device=v.device)
+    def _reuse(self, call: AttentionCall, step: int) -> torch.Tensor | None:
+        """The reused output, or None (counted and explained once) where nothing usable was kept."""
+        # An entry kept at an earlier store step is stale when the source step's forward never reached us
+        # (another cache such as EasyCache skipped it): compute rather than reuse older attention.
+        source = self._sources[step]
+        fresh_entry = self._stored_at.get(call.key) == source
+        out = self._reused_output(call) if fresh_entry else None
+        if out is not None:
+            self.stats.reused += 1
+            self.stats.steps_reused.add(step)
+            return out
+        self.stats.fallbacks += 1
+        why = (
+            "its shape does not match this call"
+            if fresh_entry
+            else f"the layer stored nothing at step {source} (it did not run there, e.g. encoder propagation "
+            "or a step cache skipped it, or its store was refused, see memory_budget_mb)"
+        )
+        self.stats.warn_once(
+            "fallback",
+            f"attention reuse: no usable cached {self.config.mode} for a layer at step {step}: {why}; "
+            "computing it instead (further fallbacks are counted, not logged)",
+        )
+        return None
+
+    def _reused_output(self, call: AttentionCall) -> torch.Tensor | None:
+        entry = self.cache.get(call.key, device=call.v.device)
         if entry is None:
             return None
-        vh = kv_to_heads(v, heads, to_heads(q, heads, layout).shape[-1], layout)
+        vh = kv_to_heads(call.v, call.heads, to_heads(call.q, call.heads, call.layout).shape[-1], call.layout)
         b, h, nk, d = vh.shape
-        nq = token_count(q, layout)
+        nq = token_count(call.q, call.layout)
         if self.config.mode == "output":
-            expected = (b, h, nq, d) if output_layout == "bhnd" else (b, nq, h * d)
+            expected = (b, h, nq, d) if call.output_layout == "bhnd" else (b, nq, h * d)
             return entry if tuple(entry.shape) == expected else None
         if tuple(entry.shape) != (b, h, nq, nk):
             return None
-        return from_heads(reuse_map(entry, vh), output_layout)
+        return from_heads(reuse_map(entry, vh), call.output_layout)
 
     def summary(self, wall_s: float | None = None) -> str:
         s = self.stats

@@ -1,22 +1,16 @@
 """V3 node ``AttentionMapReuse``: MODEL -> MODEL, attention-map reuse across sampling steps (HURRY/PHAST).
 
-Chained with Encoder Feature Propagation (either order): U-Net attention layers are keyed by their place
-(block, transformer index, attn1/attn2), so a decoder layer finds its kept map at the encoder node's decoder-only
-steps; each step follows its own schedule bit there as at a full step. Encoder layers run only at key steps: at a
-reuse step they reuse what they kept at the last store step where they ran, or compute fresh (counted as
-fallbacks) if they never stored. A parallel decoder batch (several steps' decoders in one batch) is split by rows:
-each step's rows follow that step's bit in step order (``attention_hooks``), so parallel and sequential decoding
-make the same reuse decisions. Both nodes off (0 reuse steps, every step a key step) leave the output
-bit-identical to the unpatched model.
+The inputs are validated into an ``AttentionReuseConfig`` and a ``ScheduleSpec`` here; ``attention_hooks`` does
+the rest.
 """
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..reuse_core.attention_reuse import AttentionReuseConfig
+from ..reuse_core.attention_engine import AttentionReuseConfig
 from ..reuse_core.schedules import PHAST_RESULTS, ScheduleSpec
-from .attention_hooks import patch_model
+from .attention_hooks import apply_attention_reuse
 
 CACHE_DEVICE_CHOICES = {"same as model": "model", "cpu": "cpu"}
 PAPER_SCHEDULE = "".join(str(b) for b in PHAST_RESULTS[(20, 10)])
@@ -140,4 +134,4 @@ class AttentionMapReuse(io.ComfyNode):
             memory_budget_mb=float(memory_budget_mb),
             cache_device=CACHE_DEVICE_CHOICES[cache_device],
         )
-        return io.NodeOutput(patch_model(model, config, spec, verbose=verbose))
+        return io.NodeOutput(apply_attention_reuse(model, config, spec, verbose=verbose))

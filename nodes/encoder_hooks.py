@@ -1,16 +1,12 @@
-"""V3 node ``EncoderFeaturePropagation`` (Faster Diffusion encoder propagation, TiUE one-pass preset).
+"""ComfyUI glue for Encoder Feature Propagation (Faster Diffusion, TiUE one-pass): the per-run and per-call wrappers.
 
 Data flow: node inputs -> ``EncoderPropagationConfig`` (validated at node execution) -> per-run
 ``EncoderPropagationRun`` made in the ``OUTER_SAMPLE`` wrapper (plan from the run's ``sample_sigmas``, engine,
 optional noise-injecting sampler) and dropped in ``finally`` -> one engine call per ``DIFFUSION_MODEL`` call
 -> one log line per run.
 
-Chained with Attention Map Reuse (either order): a decoder-only pass is one forward of its own step, so the
-attention node applies that step's schedule bit to the decoder's attention layers (the encoder's layers do not
-run). A parallel decoder batch tags its ``transformer_options`` with ``comfy_steps.DECODER_STEPS_KEY``, the step
-of each block of rows (``unet_decoder.ComfyUNetHost.decode``); the attention node splits such calls by rows and
-applies each step's bit to its block, in step order, so parallel and sequential decoding stay equivalent.
-Predictions served from a parallel batch run no attention at all (the batch already applied their steps' bits).
+Chained with Attention Map Reuse: see ``attention_hooks``. Predictions served from a parallel batch run no attention
+at all (the batch already applied their steps' schedule bits).
 """
 
 from __future__ import annotations
@@ -19,11 +15,9 @@ import functools
 import logging
 import time
 
-from comfy_api.latest import io
-
-from ..reuse_core.encoder_propagation import EncoderPropagationConfig, EncoderPropagationEngine
-from ..reuse_core.key_steps import PRESETS, KeyStepSpec, reuse_window
-from ..reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjection, sample_euler_prior_noise
+from ..reuse_core.encoder_engine import EncoderPropagationConfig, EncoderPropagationEngine
+from ..reuse_core.key_steps import reuse_window
+from ..reuse_core.noise_injection import PriorNoiseInjection, sample_euler_prior_noise
 from .comfy_steps import sigmas_of_sample, step_of_call
 from .unet_decoder import ComfyUNetHost, bind_unet_call, has_output_control, unsupported_reason
 
@@ -180,120 +174,3 @@ def apply_encoder_propagation(model, config: EncoderPropagationConfig):
     patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, make_outer_sample_wrapper(config))
     patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
     return patched
-
-
-class EncoderFeaturePropagation(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="EncoderFeaturePropagation",
-            display_name="Encoder Feature Propagation",
-            category="model_patches/reuse",
-            description=(
-                "Faster Diffusion (Li et al., NeurIPS 2024): run the U-Net encoder only at key steps and reuse its "
-                "features in the decoder at the other steps, optionally decoding several steps in one batch. "
-                "SD1.x / SD2.x / SDXL U-Nets."
-            ),
-            inputs=[
-                io.Model.Input("model", tooltip="The U-Net model (SD1.x, SD2.x, SDXL) to speed up."),
-                io.Combo.Input(
-                    "key_steps",
-                    options=list(PRESETS),
-                    default="paper",
-                    tooltip=(
-                        "Steps that run the whole U-Net. paper: the paper's 50-step set {0,1,2,3,5,10,15,25,35} "
-                        "scaled to the run's step count (steps 0-3 always kept). uniform: every k-th step. "
-                        "one_pass: only step 0 (TiUE; for distilled loop-free models, degrades ordinary ones). "
-                        "custom: the list below."
-                    ),
-                ),
-                io.Int.Input(
-                    "uniform_k",
-                    default=4,
-                    min=1,
-                    max=100,
-                    tooltip="For key_steps=uniform: a key step every k steps (paper: 4 for community "
-                    "checkpoints; 1 = every step, no reuse).",
-                ),
-                io.String.Input(
-                    "custom_key_steps",
-                    default="0,1,2,3,5,10,15,25,35",
-                    tooltip="For key_steps=custom: 0-based step indices, comma separated. Step 0 is always a "
-                    "key step; indices beyond the run's steps are ignored.",
-                ),
-                io.Boolean.Input(
-                    "parallel_decoding",
-                    default=True,
-                    tooltip="Decode the non-key steps that follow a key step in one batch (same result, fewer "
-                    "and larger decoder calls). Off: decode each step when the sampler reaches it.",
-                ),
-                io.Int.Input(
-                    "max_decoders_per_batch",
-                    default=4,
-                    min=1,
-                    max=64,
-                    tooltip="Memory cap for parallel decoding: at most this many steps per decoder batch "
-                    "(each step adds one copy of the decoder activations for the whole cond batch).",
-                ),
-                io.Float.Input(
-                    "noise_alpha",
-                    default=0.0,
-                    min=0.0,
-                    max=0.1,
-                    step=0.0005,
-                    tooltip=f"Prior noise injection: latent += alpha * initial noise at steps with timestep < tau "
-                    f"(paper: {PAPER_ALPHA}). 0 = off. Exact only with the euler and ddim samplers; "
-                    "other samplers stop with an error.",
-                ),
-                io.Float.Input(
-                    "noise_tau",
-                    default=PAPER_TAU,
-                    min=0.0,
-                    max=1000.0,
-                    step=1.0,
-                    tooltip="Prior noise injection applies once the timestep (0..1000) falls below this "
-                    f"(paper: {PAPER_TAU:g}).",
-                ),
-                io.Float.Input(
-                    "start_percent",
-                    default=0.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Reuse starts at this point of the denoising process; earlier steps run the whole U-Net.",
-                ),
-                io.Float.Input(
-                    "end_percent",
-                    default=1.0,
-                    min=0.0,
-                    max=1.0,
-                    step=0.01,
-                    tooltip="Reuse ends at this point of the denoising process; later steps run the whole U-Net.",
-                ),
-            ],
-            outputs=[io.Model.Output(tooltip="A copy of the model with encoder feature propagation.")],
-        )
-
-    @classmethod
-    def execute(
-        cls,
-        model,
-        key_steps: str,
-        uniform_k: int,
-        custom_key_steps: str,
-        parallel_decoding: bool,
-        max_decoders_per_batch: int,
-        noise_alpha: float,
-        noise_tau: float,
-        start_percent: float,
-        end_percent: float,
-    ) -> io.NodeOutput:
-        config = EncoderPropagationConfig(
-            key_steps=KeyStepSpec.from_inputs(key_steps, uniform_k, custom_key_steps),
-            parallel_decoding=bool(parallel_decoding),
-            max_decoders_per_batch=max_decoders_per_batch,
-            start_percent=start_percent,
-            end_percent=end_percent,
-            injection=PriorNoiseInjection(noise_alpha, noise_tau),
-        )
-        return io.NodeOutput(apply_encoder_propagation(model, config))
