@@ -19,8 +19,14 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 STANDIN_DIR = Path(__file__).resolve().parent / "comfyui_standins"
 SHARED_TREES = REPO_DIR.parent / "shared" / "comfyui"
 PACK_MODULE = "comfyui_reuse"
-# The versions the pack is tested on; each has its own tree in SHARED_TREES and its own virtual environment.
-TESTED_VERSIONS = ("v0.3.64", "v0.33.0")
+# The versions the pack is tested on: those with pinned requirements (scripts/venv.sh builds one environment each);
+# each has its own tree in SHARED_TREES.
+TESTED_VERSIONS = tuple(
+    sorted(
+        (p.stem.removeprefix("comfyui-") for p in (REPO_DIR / "requirements").glob("comfyui-v*.txt")),
+        key=lambda v: tuple(int(n) for n in v[1:].split(".")),
+    )
+)
 
 
 def is_comfyui(path: Path) -> bool:

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version="$1"
-oldest="v0.3.64"
+oldest="$(ls requirements | sed -n 's/^comfyui-\(v.*\)\.txt$/\1/p' | sort -V | head -1)"
 venv=".venvs/comfyui-$version"
 if [[ ! -f "requirements/comfyui-$version.txt" ]]; then
     echo "scripts/venv.sh: no requirements/comfyui-$version.txt: tested versions are $(ls requirements | sed -n 's/^comfyui-\(v.*\)\.txt$/\1/p' | tr '\n' ' ')" >&2

@@ -82,6 +82,19 @@ def frontend_ui(version: str) -> FrontendUI:
     return FRONTEND_UIS[max(known)]
 
 
+# Both frontends' template browsers load the chosen workflow with app.loadGraphData, which checks for missing
+# models/media (and, in 1.49.6, opens the error overlay) after the nodes are already in the graph. Counting the
+# finished calls lets the test look for problems only once the frontend is done with the workflow.
+COUNT_GRAPH_LOADS = """() => {
+    const load = app.loadGraphData.bind(app);
+    window.__reuseGraphLoads = {started: 0, finished: 0};
+    app.loadGraphData = async (...args) => {
+        window.__reuseGraphLoads.started++;
+        try { return await load(...args); } finally { window.__reuseGraphLoads.finished++; }
+    };
+}"""
+
+
 def browser_unavailable_reason() -> str | None:
     try:
         import playwright.sync_api  # noqa: F401
@@ -121,6 +134,7 @@ def page(comfy_server, object_info, tmp_path_factory):
             tab.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
             tab.frontend_version = tab.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
             tab.ui = frontend_ui(tab.frontend_version)
+            tab.evaluate(COUNT_GRAPH_LOADS)
             yield tab
         finally:
             context.close()
@@ -146,8 +160,13 @@ def _open_template(page, stem: str) -> None:
         page.locator("button.templates-tab-button").click()
     dialog.wait_for(timeout=60_000)
     page.get_by_role("dialog").get_by_text(PACK_FOLDER_NAME, exact=True).first.click()
+    loads = page.evaluate("() => window.__reuseGraphLoads.finished")
     page.locator(f'[data-testid="template-workflow-{stem}"]').click()
     dialog.wait_for(state="hidden", timeout=60_000)
+    page.wait_for_function(
+        "(n) => { const {started, finished} = window.__reuseGraphLoads; return finished > n && started === finished; }",
+        arg=loads, timeout=60_000,
+    )  # fmt: skip
 
 
 def _graph_state(page) -> dict:

@@ -122,5 +122,11 @@ def test_pyproject_states_the_same_minimum(cv):
     assert f"tested on {' and '.join(cv.TESTED)}" in text
 
 
+def test_the_message_names_the_versions_the_tests_run_on(cv):
+    from reuse_bench.comfyui_env import TESTED_VERSIONS
+
+    assert tuple(f"v{v}" for v in cv.TESTED) == TESTED_VERSIONS  # one environment per version (scripts/venv.sh)
+
+
 def test_real_comfyui_is_supported(comfy, cv):
     assert cv.unsupported_reason() is None
