@@ -3,8 +3,6 @@ keyword of ``OUTER_SAMPLE``, q/k/v in ``AttentionTensorContainer``s, grouped-que
 another node's override in the attention slot. A test whose ComfyUI lacks the feature skips and names it."""
 
 import inspect
-import logging
-import re
 import threading
 
 import comfy_harness as h
@@ -29,12 +27,6 @@ def node(comfy):
 
 def patched(node, model, **overrides):
     return node.execute(model=model, **h.node_inputs(node, **overrides)).result[0]
-
-
-def reused_calls(caplog) -> int:
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Attention Map Reuse: steps")]
-    assert lines, "no run summary logged"
-    return int(re.search(r"calls reused (\d+)", lines[-1]).group(1))
 
 
 def needs(comfy_attr: str, why: str):
@@ -88,14 +80,13 @@ def _split_into_threads(model, threaded: bool):
     return model
 
 
-def test_two_threads_in_the_model_at_once_keep_their_own_layers_and_steps(node, comfy, caplog):
-    caplog.set_level(logging.INFO)
+def test_two_threads_in_the_model_at_once_keep_their_own_layers_and_steps(node, comfy, runs):
     model = h.sharpen_attention(h.tiny_model("sd15", seed=3))
     reuse = patched(node, model, strategy="hurry", reuse_steps=3, mode="map")
     outputs = {}
     for threaded in (False, True):
         outputs[threaded] = h.sample(_split_into_threads(reuse, threaded), steps=STEPS)
-        assert reused_calls(caplog) > 0
+        assert runs.last().calls_reused > 0
     assert torch.equal(outputs[True], outputs[False]), "threads computing conds at once changed the result"
 
 
@@ -213,8 +204,7 @@ def _with_attention_backend(model):
 
 
 @pytest.mark.parametrize("order", ["backend_first", "reuse_first"])
-def test_attention_backend_override_is_chained_in_either_order(node, comfy, caplog, order):
-    caplog.set_level(logging.INFO)
+def test_attention_backend_override_is_chained_in_either_order(node, comfy, runs, order):
     model = h.sharpen_attention(h.tiny_model("sd15", seed=4))
     if order == "backend_first":
         backend, spy = _with_attention_backend(model)
@@ -226,6 +216,26 @@ def test_attention_backend_override_is_chained_in_either_order(node, comfy, capl
     reference, _ = _with_attention_backend(model)
     out = h.sample(both, steps=STEPS)
     assert spy.calls > 0, "the other node's override was dropped"
-    assert reused_calls(caplog) > 0, "the other node's override dropped ours"
+    assert runs.last().calls_reused > 0, "the other node's override dropped ours"
     assert not torch.equal(out, h.sample(reference, steps=STEPS))
     assert torch.equal(h.sample(off, steps=STEPS), h.sample(reference, steps=STEPS))
+
+
+def test_attention_kwargs_of_newer_releases_reach_the_backend(hooks):
+    """Releases after 0.33 pass ``preferred_attention`` (and may add more): every call hands them on untouched."""
+    import comfy.ldm.modules.attention as attention
+
+    run = _run(hooks)
+    seen = []
+
+    def backend(q, k, v, heads, **kwargs):
+        seen.append(kwargs.get("preferred_attention"))
+        return attention.attention_basic(q, k, v, heads)
+
+    for step, (q, k, v) in enumerate((_qkv(0), _qkv(1))):
+        options = _engine_context(hooks, run, step)
+        options["optimized_attention_override"](
+            backend, q, k, v, 4, transformer_options=options, preferred_attention="sage"
+        )
+    assert seen == ["sage"], "the store step must call the backend with the caller's kwargs; the reuse step none"
+    assert run.stats.stored == 1 and run.stats.reused == 1
