@@ -4,7 +4,9 @@
   built from the tiny U-Net config, randomly initialised (zero convs included, so it changes the image).
 - ``with_controlnet``: applies it to conditioning exactly like the core "Apply ControlNet" node.
 - ``with_lora``: a kohya-format LoRA on the attention projections, applied through ComfyUI's LoRA loader path.
-- ``LogCapture``: collects log messages (the nodes' one-line-per-run summaries) during a block.
+- ``LogCapture``: collects log messages during a block, and what each node's runs did (``runs_of``,
+  ``one_run``: ``run_records.RunRecord``s read from the engines' stats objects, not parsed from the log).
+- ``Method`` / ``METHODS``: the node configurations of the matrix, as overrides on the node's schema defaults.
 - ``patcher_snapshot``: everything a patch node could modify on a ``ModelPatcher``, for "input unchanged".
 - ``ComfyExecutor``: ComfyUI's own ``execution.PromptExecutor`` in process with a stub server, the pack and
   the test-only node pack ``tests/compat_nodes`` loaded through ``nodes.load_custom_node``.
@@ -15,9 +17,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,9 +28,11 @@ from comfy_harness import (
     TINY_SDXL_CONFIG,
     import_comfy,
     load_pack,
+    node_inputs,
     pack_node,
     tiny_model,
 )
+from run_records import RunRecord, RunRecorder
 
 COMPAT_NODES_DIR = Path(__file__).resolve().parent / "compat_nodes"
 
@@ -181,12 +184,14 @@ def with_lora(patcher, strength: float = 1.0, seed: int = 5):
 
 # ------------------------------------------------------------------------------------------------------ logging
 class LogCapture(logging.Handler):
-    """Collects every log record (INFO and up) emitted while active, from any logger."""
+    """Collects every log record (INFO and up) emitted while active, from any logger, and (``runs``, a
+    ``run_records.RunRecorder``) what every run of either node did, from the engines' stats objects."""
 
     def __init__(self, level: int = logging.INFO):
         super().__init__(level)
         self.records: list[logging.LogRecord] = []
         self._old_level: int | None = None
+        self.runs = RunRecorder()
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
@@ -199,6 +204,7 @@ class LogCapture(logging.Handler):
         return [m for m in self.messages if all(n.lower() in m.lower() for n in needles)]
 
     def __enter__(self) -> LogCapture:
+        self.runs.__enter__()
         root = logging.getLogger()
         self._old_level = root.level
         root.setLevel(min(root.level or logging.WARNING, self.level))
@@ -209,6 +215,7 @@ class LogCapture(logging.Handler):
         root = logging.getLogger()
         root.removeHandler(self)
         root.setLevel(self._old_level)
+        self.runs.__exit__(*exc)
 
 
 # ------------------------------------------------------------------------------------------------ model checks
@@ -377,115 +384,44 @@ class PromptBuilder:
 
 
 # ------------------------------------------------------------------------------------------- methods under test
-@dataclass(frozen=True)
-class RunStats:
-    """One run's summary line of either node, parsed into the numbers the matrix asserts on."""
-
-    node: str
-    steps: int
-    reused_steps: int  # attention: steps that reused; encoder: decoder-only steps
-    line: str
-    schedule: str = ""  # attention: the resolved bit string
-    key_steps: tuple[int, ...] = ()  # encoder: steps that ran the whole U-Net
-    fallbacks: int = 0
-    refused: int = 0
-    memory_mib: float = 0.0
-    budget_mb: float = 0.0
-    calls_reused: int = 0
-    largest_batch: int = 0
-    served_from_parallel: int = 0
-    encoder_passes_saved: int = 0
+def runs_of(log: LogCapture) -> list[RunRecord]:
+    """Every run either node ended while ``log`` was active, in order, from the engines' stats objects."""
+    return list(log.runs.records)
 
 
-ATTENTION_LINE = re.compile(
-    r"Attention Map Reuse: steps reused (?P<reused>\d+)/(?P<steps>\d+) \(schedule (?P<schedule>[01]+)\), "
-    r"layers patched (?P<layers>\d+), (?:maps|outputs) memory (?P<mib>[\d.]+) MiB \(budget (?P<budget>[\d.]+) MB\), "
-    r"calls reused (?P<calls>\d+), stored \d+, computed \d+(?:, fallbacks (?P<fallbacks>\d+), "
-    r"refused stores (?P<refused>\d+))?"
-)
-ENCODER_LINE = re.compile(
-    r"Encoder Feature Propagation: .*?(?P<steps>\d+) steps, .*?key steps \[(?P<keys>[\d, ]*)\], "
-    r"encoder passes saved (?P<saved>\d+)/\d+ calls, decoder batches \d+ \(\d+ steps decoded, "
-    r"largest batch (?P<largest>\d+), (?P<served>\d+) served from parallel decoding\)"
-)
-
-
-def parse_run_lines(log: LogCapture) -> list[RunStats]:
-    """Every run summary line either node logged while ``log`` was active, in order."""
-    runs = []
-    for message in log.messages:
-        if match := ATTENTION_LINE.search(message):
-            runs.append(
-                RunStats(
-                    node="AttentionMapReuse",
-                    steps=int(match["steps"]),
-                    reused_steps=int(match["reused"]),
-                    line=message,
-                    schedule=match["schedule"],
-                    fallbacks=int(match["fallbacks"] or 0),
-                    refused=int(match["refused"] or 0),
-                    memory_mib=float(match["mib"]),
-                    budget_mb=float(match["budget"]),
-                    calls_reused=int(match["calls"]),
-                )
-            )
-        elif match := ENCODER_LINE.search(message):
-            keys = tuple(int(k) for k in match["keys"].replace(" ", "").split(",") if k)
-            steps = int(match["steps"])
-            runs.append(
-                RunStats(
-                    node="EncoderFeaturePropagation",
-                    steps=steps,
-                    reused_steps=steps - len(keys),
-                    line=message,
-                    key_steps=keys,
-                    largest_batch=int(match["largest"]),
-                    served_from_parallel=int(match["served"]),
-                    encoder_passes_saved=int(match["saved"]),
-                )
-            )
-        elif message.startswith(("Attention Map Reuse: steps", "Encoder Feature Propagation: ")) and "steps" in message:
-            raise AssertionError(f"a node summary line no longer matches the format the tests parse: {message}")
-    return runs
-
-
-def one_run(log: LogCapture) -> RunStats:
-    runs = parse_run_lines(log)
-    assert len(runs) == 1, f"expected exactly one summary line for one sampler run, got {len(runs)}: {log.messages}"
+def one_run(log: LogCapture) -> RunRecord:
+    runs = runs_of(log)
+    assert len(runs) == 1, f"expected exactly one run record for one sampler run, got {len(runs)}: {runs}"
     return runs[0]
 
 
-ATTENTION_INPUTS = dict(
-    strategy="hurry",
-    reuse_steps=2,
-    reuse_fraction=0.0,
-    custom_schedule="1",
-    attention="both",
-    mode="map",
-    cache_device="same as model",
-    memory_budget_mb=256,
-    verbose=False,
-)
-ENCODER_INPUTS = dict(
-    key_steps="uniform",
-    uniform_k=3,
-    custom_key_steps="0",
-    parallel_decoding=True,
-    max_decoders_per_batch=4,
-    noise_alpha=0.0,
-    noise_tau=500.0,
-    start_percent=0.0,
-    end_percent=1.0,
-)
+# What the matrix sets on top of each node's own schema defaults (``node_inputs``).
+ATTENTION_OVERRIDES = dict(strategy="hurry", reuse_steps=2, memory_budget_mb=256)
+ENCODER_OVERRIDES = dict(key_steps="uniform", uniform_k=3)
+OVERRIDES = {"AttentionMapReuse": ATTENTION_OVERRIDES, "EncoderFeaturePropagation": ENCODER_OVERRIDES}
+
+
+def matrix_inputs(node_id: str, **overrides) -> dict:
+    """Every widget input of the node: its schema default, the matrix's settings, then ``overrides``."""
+    return node_inputs(pack_node(node_id), **{**OVERRIDES[node_id], **overrides})
 
 
 @dataclass(frozen=True)
 class Method:
-    """One node configuration of the matrix, with what it must do on a run of ``steps`` steps."""
+    """One node configuration of the matrix, with what it must do on a run of ``steps`` steps.
+
+    Built at import time (for parametrize ids), before ComfyUI is imported: ``inputs`` reads the node's schema
+    defaults when first asked.
+    """
 
     id: str
     node_id: str
-    inputs: dict
+    overrides: dict = field(default_factory=dict)  # on top of OVERRIDES[node_id]
+
+    @property
+    def inputs(self) -> dict:
+        """Every widget input: the schema defaults, the matrix's settings and this configuration's own."""
+        return matrix_inputs(self.node_id, **self.overrides)
 
     def node(self):
         return pack_node(self.node_id)
@@ -504,36 +440,38 @@ class Method:
 
     def expected_reuse_steps(self, steps: int) -> tuple[int, ...]:
         """Steps (0-based, of the run actually made) that must reuse rather than compute."""
+        inputs = self.inputs
         if self.node_id == "AttentionMapReuse":
-            assert self.inputs["strategy"] == "hurry"
-            return tuple(range(steps - self.inputs["reuse_steps"], steps))
-        assert self.inputs["key_steps"] == "uniform"
-        return tuple(i for i in range(steps) if i % self.inputs["uniform_k"] != 0)
+            assert inputs["strategy"] == "hurry"
+            return tuple(range(steps - inputs["reuse_steps"], steps))
+        assert inputs["key_steps"] == "uniform"
+        return tuple(i for i in range(steps) if i % inputs["uniform_k"] != 0)
 
     def expected_key_steps(self, steps: int) -> tuple[int, ...]:
         """Encoder propagation: the steps that must run the whole U-Net."""
-        return tuple(i for i in range(steps) if i not in self.expected_reuse_steps(steps))
-
-    def check_stats(self, stats: RunStats, steps: int) -> None:
-        """The run summary says the schedule was applied to the ``steps`` steps really run."""
         reuse = self.expected_reuse_steps(steps)
-        assert stats.node == self.node_id, stats.line
-        assert stats.steps == steps, f"node counted {stats.steps} steps, the sampler ran {steps}: {stats.line}"
-        assert stats.reused_steps == len(reuse), f"expected {len(reuse)} reuse steps: {stats.line}"
+        return tuple(i for i in range(steps) if i not in reuse)
+
+    def check_stats(self, stats: RunRecord, steps: int) -> None:
+        """The run's stats say the schedule was applied to the ``steps`` steps really run."""
+        reuse = self.expected_reuse_steps(steps)
+        assert stats.node == self.node_id, stats
+        assert stats.steps == steps, f"node counted {stats.steps} steps, the sampler ran {steps}: {stats}"
+        assert stats.reused_steps == len(reuse), f"expected {len(reuse)} reuse steps: {stats}"
         if self.node_id == "AttentionMapReuse":
-            assert stats.schedule == "".join("0" if i in reuse else "1" for i in range(steps)), stats.line
-            assert stats.fallbacks == 0 and stats.refused == 0, f"reuse fell back to computing: {stats.line}"
-            assert stats.calls_reused > 0, stats.line
+            assert stats.schedule == "".join("0" if i in reuse else "1" for i in range(steps)), stats
+            assert stats.fallbacks == 0 and stats.refused == 0, f"reuse fell back to computing: {stats}"
+            assert stats.calls_reused > 0, stats
         else:
-            assert stats.key_steps == self.expected_key_steps(steps), stats.line
-            assert stats.encoder_passes_saved >= len(reuse), stats.line
+            assert stats.key_steps == self.expected_key_steps(steps), stats
+            assert stats.encoder_passes_saved >= len(reuse), stats
 
 
 METHODS = (
-    Method("attn-map", "AttentionMapReuse", dict(ATTENTION_INPUTS, mode="map")),
-    Method("attn-output", "AttentionMapReuse", dict(ATTENTION_INPUTS, mode="output")),
-    Method("enc-parallel", "EncoderFeaturePropagation", dict(ENCODER_INPUTS, parallel_decoding=True)),
-    Method("enc-sequential", "EncoderFeaturePropagation", dict(ENCODER_INPUTS, parallel_decoding=False)),
+    Method("attn-map", "AttentionMapReuse", dict(mode="map")),
+    Method("attn-output", "AttentionMapReuse", dict(mode="output")),
+    Method("enc-parallel", "EncoderFeaturePropagation", dict(parallel_decoding=True)),
+    Method("enc-sequential", "EncoderFeaturePropagation", dict(parallel_decoding=False)),
 )
 METHOD_IDS = [m.id for m in METHODS]
 # One per node: the "method off" configuration does not depend on mode / parallel decoding.

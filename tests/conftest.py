@@ -22,6 +22,15 @@ def comfy():
     return import_comfy()
 
 
+@pytest.fixture
+def runs(comfy):
+    """A ``run_records.RunRecorder`` active for the test: what every run of either node did, from its stats."""
+    from run_records import RunRecorder
+
+    with RunRecorder() as recorder:
+        yield recorder
+
+
 @pytest.fixture(autouse=True)
 def single_torch_thread():
     """Every test starts on one torch thread, even after a test ran ``reuse_bench.main`` (which sets its own).

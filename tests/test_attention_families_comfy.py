@@ -7,9 +7,6 @@ close to the unpatched result without equalling it. Families whose attention byp
 name. A family the running ComfyUI lacks skips with the version and the family.
 """
 
-import logging
-import re
-
 import comfy_harness as h
 import pytest
 import tiny_dits
@@ -50,44 +47,28 @@ def patched(node, model, **overrides):
     return node.execute(model=model, **h.node_inputs(node, **overrides)).result[0]
 
 
-def run_stats(caplog) -> dict:
-    """The numbers of the last run's "Attention Map Reuse: steps reused N/M ..." log line."""
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Attention Map Reuse: steps")]
-    assert lines, "no Attention Map Reuse summary line was logged"
-    line = lines[-1]
-    return {
-        "line": line,
-        "reused_steps": int(re.search(r"steps reused (\d+)/", line).group(1)),
-        "steps": int(re.search(r"steps reused \d+/(\d+)", line).group(1)),
-        "layers": int(re.search(r"layers patched (\d+)", line).group(1)),
-        "reused_calls": int(re.search(r"calls reused (\d+)", line).group(1)),
-    }
-
-
 @pytest.mark.parametrize("family", list(tiny_dits.FAMILIES))
-def test_zero_reuse_is_bit_identical(comfy, node, reference, caplog, family):
-    caplog.set_level(logging.INFO)
+def test_zero_reuse_is_bit_identical(comfy, node, reference, runs, family):
     dit, full = reference(family)
     mro = [cls.__name__ for cls in type(dit.patcher.model.diffusion_model).__mro__]
     assert tiny_dits.FAMILIES[family].diffusion_model in mro
     assert torch.isfinite(full).all()
     zero = run(dit, patched(node, dit.patcher, reuse_steps=0))
-    stats = run_stats(caplog)
-    assert stats["reused_steps"] == 0 and stats["steps"] == STEPS
-    assert stats["layers"] > 0, "no attention call of this family reached the hook"
+    stats = runs.one()
+    assert stats.reused_steps == 0 and stats.steps == STEPS, stats
+    assert stats.layers > 0, "no attention call of this family reached the hook"
     assert torch.equal(zero, full), "zero reuse must be bit-identical to the unpatched model"
 
 
 @pytest.mark.parametrize("mode", ["map", "output"])
 @pytest.mark.parametrize("family", list(tiny_dits.FAMILIES))
-def test_reuse(comfy, node, reference, caplog, family, mode):
+def test_reuse(comfy, node, reference, runs, family, mode):
     """``map``: the node's defaults (phast schedule, map mode, both attentions); ``output``: output mode."""
-    caplog.set_level(logging.INFO)
     dit, full = reference(family)
     overrides = {"reuse_steps": REUSE} if mode == "map" else {"reuse_steps": REUSE, "mode": "output"}
     out = run(dit, patched(node, dit.patcher, **overrides))
-    stats = run_stats(caplog)
-    assert stats["reused_steps"] == REUSE and stats["reused_calls"] > 0, stats["line"]
+    stats = runs.last()
+    assert stats.reused_steps == REUSE and stats.calls_reused > 0, stats
     assert torch.isfinite(out).all()
     assert not torch.equal(out, full)
     assert psnr(out, full) > 20.0

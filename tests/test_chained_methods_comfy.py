@@ -126,23 +126,16 @@ def reference(sd15, nodes):
     _reference.cache_clear()
 
 
-def attention_line(caplog):
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Attention Map Reuse: steps")]
-    assert lines, "no Attention Map Reuse summary logged"
-    line = lines[-1]
-    stats = {name: int(re.search(rf"{name} (\d+)", line).group(1)) for name in ("calls reused", "stored", "computed")}
-    stats["reused"] = stats.pop("calls reused")
-    stats["steps"] = re.search(r"steps reused (\d+/\d+)", line).group(1)
-    stats["layers"] = int(re.search(r"layers patched (\d+)", line).group(1))
-    fallbacks = re.search(r"fallbacks (\d+)", line)
-    stats["fallbacks"] = int(fallbacks.group(1)) if fallbacks else 0
-    return stats
-
-
-def encoder_line(caplog):
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Encoder Feature Propagation:")]
-    assert lines, "no Encoder Feature Propagation summary logged"
-    return lines[-1]
+def counts(record) -> dict:
+    """What the chained tests compare of an attention run between parallel and sequential decoding."""
+    return {
+        "reused": record.calls_reused,
+        "stored": record.stored,
+        "computed": record.computed,
+        "steps": f"{record.reused_steps}/{record.steps}",
+        "layers": record.layers,
+        "fallbacks": record.fallbacks,
+    }
 
 
 ORDERS = ["encoder_first", "attention_first"]
@@ -162,18 +155,23 @@ def test_switched_off_parts_change_nothing(nodes, sd15, reference, order, sample
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("mode", ["map", "output"])
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
-def test_attention_reuse_happens_at_decoder_only_steps(nodes, sd15, reference, caplog, order, mode, sampler):
+def test_attention_reuse_happens_at_decoder_only_steps(nodes, sd15, reference, runs, caplog, order, mode, sampler):
+    """Also the chained matrix case: both nodes' runs recorded, each applying its own schedule."""
     caplog.set_level(logging.INFO)
     attention = dict(custom_schedule=DECODER_ONLY_REUSE, mode=mode)
     outputs, stats = {}, {}
     for parallel in (False, True):
         caplog.clear()
+        runs.clear()
         model = chained(nodes, sd15, order, attention, dict(ENCODER, parallel_decoding=parallel))
         outputs[parallel] = run(model, sampler)
-        stats[parallel] = attention_line(caplog)
-        assert "key steps [0, 4]" in encoder_line(caplog)
+        assert len(runs.attention) == len(runs.encoder) == 1, runs.records
+        stats[parallel] = counts(runs.last())
+        encoder = runs.last("EncoderFeaturePropagation")
+        assert encoder.key_steps == (0, 4) and (encoder.steps, encoder.reused_steps) == (STEPS, 6), encoder
+        assert encoder.encoder_passes_saved >= 6, encoder
         assert not any("no usable cached" in r.getMessage() for r in caplog.records)
-        assert stats[parallel]["steps"] == "2/8" and stats[parallel]["fallbacks"] == 0
+        assert stats[parallel]["steps"] == "2/8" and stats[parallel]["fallbacks"] == 0, stats[parallel]
         assert stats[parallel]["layers"] == ATTENTION_LAYERS
     if sampler == "euler":  # steps 3 and 5 reuse every decoder layer, once each, in both decoding modes
         assert stats[False]["reused"] == stats[True]["reused"] == 2 * DECODER_CALLS_PER_FORWARD
@@ -190,18 +188,16 @@ def test_attention_reuse_happens_at_decoder_only_steps(nodes, sd15, reference, c
 
 
 @pytest.mark.parametrize("mode", ["map", "output"])
-def test_reuse_across_key_steps_with_parallel_batches(nodes, sd15, reference, caplog, mode):
+def test_reuse_across_key_steps_with_parallel_batches(nodes, sd15, reference, runs, mode):
     """hurry: reuse at steps 4-7. Step 3 (decoder-only) stores the decoder layers; at key step 4 the encoder layers
     have nothing stored and compute fresh (counted fallbacks); batch (5,6,7) reuses step 3's maps."""
-    caplog.set_level(logging.INFO)
     attention = dict(strategy="hurry", reuse_steps=4, mode=mode)
     outputs, stats = {}, {}
     for parallel in (False, True):
-        caplog.clear()
         outputs[parallel] = run(
             chained(nodes, sd15, "encoder_first", attention, dict(ENCODER, parallel_decoding=parallel))
         )
-        stats[parallel] = attention_line(caplog)
+        stats[parallel] = counts(runs.last())
     assert stats[False] == stats[True]
     assert stats[True]["steps"] == "4/8" and stats[True]["reused"] == 4 * DECODER_CALLS_PER_FORWARD
     assert stats[True]["fallbacks"] == 6  # key step 4: the encoder's 6 attention calls (2 input blocks + middle)
@@ -209,30 +205,74 @@ def test_reuse_across_key_steps_with_parallel_batches(nodes, sd15, reference, ca
     assert torch.isfinite(outputs[True]).all() and psnr(outputs[True], reference("full")) > 30.0
 
 
-def test_self_and_cross_detection_in_decoder_batches(nodes, sd15, caplog):
-    caplog.set_level(logging.INFO)
+def test_self_and_cross_detection_in_decoder_batches(nodes, sd15, runs):
     reused, outputs = {}, {}
     for target in ("both", "self", "cross"):
         attention = dict(custom_schedule=DECODER_ONLY_REUSE, attention=target)
         outputs[target] = run(chained(nodes, sd15, "attention_first", attention, dict(ENCODER, parallel_decoding=True)))
-        reused[target] = attention_line(caplog)["reused"]
+        reused[target] = runs.last().calls_reused
     assert reused["self"] == reused["cross"] == reused["both"] // 2 > 0
     assert not torch.equal(outputs["self"], outputs["cross"])
 
 
-def test_sdxl_chained(nodes, comfy, caplog):
-    caplog.set_level(logging.INFO)
+def test_sdxl_chained(nodes, comfy, runs):
     model = h.tiny_model("sdxl", seed=0)
     full = run(model, kind="sdxl")
     off = chained(nodes, model, "encoder_first", {}, dict(uniform_k=1))
     assert torch.equal(run(off, kind="sdxl"), full)
     outputs = {}
     for parallel in (False, True):
-        caplog.clear()
         attention = dict(custom_schedule=DECODER_ONLY_REUSE)
         model_p = chained(nodes, model, "attention_first", attention, dict(ENCODER, parallel_decoding=parallel))
         outputs[parallel] = run(model_p, kind="sdxl")
-        stats = attention_line(caplog)
-        assert stats["steps"] == "2/8" and stats["reused"] > 0 and stats["fallbacks"] == 0
+        stats = runs.last()
+        assert (stats.reused_steps, stats.steps) == (2, 8) and stats.calls_reused > 0 and stats.fallbacks == 0, stats
     assert torch.allclose(outputs[True], outputs[False], atol=1e-4, rtol=1e-4)
     assert torch.isfinite(outputs[True]).all() and psnr(outputs[True], full) > 30.0
+
+
+def test_run_summary_lines_match_the_recorded_stats(nodes, sd15, runs, caplog):
+    """The one test that reads the nodes' summary lines: each says exactly what the engine's stats objects hold
+    (every other test reads those through ``runs``). The optional segments show too: the attention fallbacks (the
+    encoder's layers at key step 4) and the encoder's noise injection."""
+    caplog.set_level(logging.INFO)
+    attention = dict(strategy="hurry", reuse_steps=4, mode="map")
+    encoder = dict(ENCODER, parallel_decoding=True, noise_alpha=0.003)
+    run(chained(nodes, sd15, "encoder_first", attention, encoder))
+    a, e = runs.last("AttentionMapReuse"), runs.last("EncoderFeaturePropagation")
+    assert len(runs.records) == 2, runs.records
+    # The records hold what this run must have done (so the lines below are checked against real numbers).
+    assert (a.steps, a.reused_steps, a.schedule, a.layers, a.mode) == (STEPS, 4, "11110000", ATTENTION_LAYERS, "map"), a
+    assert a.calls_reused == 4 * DECODER_CALLS_PER_FORWARD and a.fallbacks == 6 and a.memory_mib > 0, a
+    assert a.stats.reused == a.calls_reused and a.stats.steps_reused == {4, 5, 6, 7}, a.stats
+    assert e.preset == "uniform k=4" and e.parallel_decoding and e.max_decoders_per_batch == 4, e
+    assert e.key_steps == (0, 4) and (e.encoder_passes_saved, e.model_calls) == (6, STEPS), e
+    assert (e.decoder_batches, e.decoded_steps, e.largest_batch, e.served_from_parallel) == (2, 6, 3, 4), e
+    assert (e.noise_alpha, e.noise_tau) == (0.003, ENCODER_OFF["noise_tau"]) and e.stats.full_steps == {0, 4}, e
+
+    lines = [r.getMessage() for r in caplog.records]
+    attention_lines = [m for m in lines if m.startswith("Attention Map Reuse: steps")]
+    encoder_lines = [m for m in lines if m.startswith("Encoder Feature Propagation: ")]
+    assert len(attention_lines) == len(encoder_lines) == 1, lines
+    wall = r", wall \d+\.\d\d s"
+    assert re.fullmatch(
+        re.escape(
+            f"Attention Map Reuse: steps reused {a.reused_steps}/{a.steps} (schedule {a.schedule}), "
+            f"layers patched {a.layers}, {a.mode}s memory {a.memory_mib:.1f} MiB (budget {a.budget_mb:g} MB), "
+            f"calls reused {a.calls_reused}, stored {a.stored}, computed {a.computed}, "
+            f"fallbacks {a.fallbacks}, refused stores {a.refused}"
+        )
+        + wall,
+        attention_lines[0],
+    ), attention_lines[0]
+    assert re.fullmatch(
+        re.escape(
+            f"Encoder Feature Propagation: {e.preset}, {e.steps} steps, parallel, max {e.max_decoders_per_batch}, "
+            f"noise injection alpha={e.noise_alpha} tau={e.noise_tau}: key steps {list(e.key_steps)}, "
+            f"encoder passes saved {e.encoder_passes_saved}/{e.model_calls} calls, "
+            f"decoder batches {e.decoder_batches} ({e.decoded_steps} steps decoded, largest batch {e.largest_batch}, "
+            f"{e.served_from_parallel} served from parallel decoding)"
+        )
+        + wall,
+        encoder_lines[0],
+    ), encoder_lines[0]

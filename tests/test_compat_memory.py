@@ -1,7 +1,7 @@
 """Compatibility matrix, part 5: memory.
 
 * The attention cache never holds more than its budget, checked on the cache's own accounting after every
-  model call of the run (a test-only APPLY_MODEL probe reads the run's cache), and the run summary agrees.
+  model call of the run (a test-only APPLY_MODEL probe reads the run's cache), and the run's record agrees.
 * Over budget it falls back to computing (logged once per run), never fails; with a budget of 0 nothing is
   kept, every reuse falls back, and the output is bit-identical to the unpatched model.
 * ``cache_device = cpu`` keeps every cached tensor on the CPU. On this CPU-only test machine the model is on
@@ -87,13 +87,13 @@ def test_attention_cache_stays_within_budget(sd15, hooks, mode, budget_mb):
     assert all(budget == budget_bytes for _, _, budget in probe.samples)
     peak = max(p for _, p, _ in probe.samples)
     assert peak > 0
-    assert stats.memory_mib <= budget_mb and abs(stats.memory_mib - peak / 2**20) < 0.06, stats.line
+    assert stats.memory_mib <= budget_mb and abs(stats.memory_mib - peak / 2**20) < 0.06, stats
     over_budget = mode == "map" and budget_mb == 1  # one 256-token map set for CFG is 1 MiB alone
     if over_budget:
-        assert stats.refused > 0 and stats.fallbacks > 0, stats.line
+        assert stats.refused > 0 and stats.fallbacks > 0, stats
         assert len(log.matching("memory budget")) == 1, "budget refusals must be logged once per run"
     else:
-        assert stats.refused == 0 and stats.fallbacks == 0, stats.line
+        assert stats.refused == 0 and stats.fallbacks == 0, stats
     # Dropped when the run ends.
     assert all(len(cache) == 0 and cache.bytes_used == 0 for cache in probe.caches)
 
@@ -106,7 +106,7 @@ def test_zero_budget_keeps_nothing_and_changes_nothing(sd15, hooks, mode):
         out = sample(patched, steps=STEPS)
     assert all(peak == 0 for _, peak, _ in probe.samples)
     stats = one_run(log)
-    assert stats.fallbacks > 0 and stats.calls_reused == 0, stats.line
+    assert stats.fallbacks > 0 and stats.calls_reused == 0, stats
     assert torch.equal(out, sample(sd15, steps=STEPS)), "everything fell back to computing: must equal no reuse"
 
 
@@ -176,8 +176,8 @@ def test_parallel_decoding_respects_max_decoders_per_batch(sd15, hooks, max_batc
         out = sample(patched, steps=8)
     assert_finite(out)
     stats = one_run(log)
-    assert stats.largest_batch == max_batch, stats.line
-    assert stats.served_from_parallel == (0 if max_batch == 1 else 7 - 3), stats.line  # 7 steps in batches of 3
+    assert stats.largest_batch == max_batch, stats
+    assert stats.served_from_parallel == (0 if max_batch == 1 else 7 - 3), stats  # 7 steps in batches of 3
     # Features and parallel predictions are dropped when the run ends.
     engine = probe.runs[0].engine
     assert not engine._features and not engine._predictions  # private; see compat-findings.md

@@ -3,10 +3,11 @@
 * ControlNet (core ``ControlNet`` around a tiny random ``cldm.ControlNet``, applied like "Apply ControlNet");
 * a LoRA on the attention projections (ComfyUI's LoRA loader path, ``ModelPatcher.add_patches``), applied
   before and after our node;
-* core FreeU and core EasyCache, chained before and after our node;
-* our two nodes chained with each other.
+* core FreeU and core EasyCache, chained before and after our node.
 
-For each: it runs (finite output, one summary line whose statistics match the schedule), the first altered
+Our two nodes chained with each other: tests/test_chained_methods_comfy.py.
+
+For each: it runs (finite output, one run whose recorded statistics match the schedule), the first altered
 step against the run without our node is the schedule's first reuse step, and with our method switched off
 the output is bit-identical to the run without our node. A combination our node refuses must fail with a
 clear message instead; which one happens is asserted explicitly per combination.
@@ -29,7 +30,7 @@ from compat_support import (
     first_altered_step,
     max_abs_diff,
     one_run,
-    parse_run_lines,
+    runs_of,
     tiny_controlnet,
     weights_checksum,
     with_controlnet,
@@ -186,7 +187,7 @@ def test_easycache_chained(sd15, method, order):
     with LogCapture() as log:
         out = sample(build(method), steps=EASYCACHE_STEPS)
     assert_finite(out)
-    runs = parse_run_lines(log)
+    runs = runs_of(log)
     assert len(runs) == 1 and runs[0].steps == EASYCACHE_STEPS, log.messages
     skipped = log.matching("EasyCache - skipped")
     assert len(skipped) == 1, log.messages
@@ -195,26 +196,6 @@ def test_easycache_chained(sd15, method, order):
     assert "skipped 0/" not in alone_log.matching("EasyCache - skipped")[0], "EasyCache skipped nothing here"
     off = method.apply_off(easycache(sd15)) if order == "easycache_first" else easycache(method.apply_off(sd15))
     assert torch.equal(sample(off, steps=EASYCACHE_STEPS), alone)
-
-
-# ------------------------------------------------------------------------------------------- our nodes chained
-@pytest.mark.parametrize("order", ["attention_first", "encoder_first"])
-def test_both_nodes_chained(sd15, order):
-    attention, encoder = METHODS[0], METHODS[2]
-    if order == "attention_first":
-        patched = encoder.apply(attention.apply(sd15))
-        off = encoder.apply_off(attention.apply_off(sd15))
-    else:
-        patched = attention.apply(encoder.apply(sd15))
-        off = attention.apply_off(encoder.apply_off(sd15))
-    with LogCapture() as log:
-        out = sample(patched, steps=STEPS)
-    assert_finite(out)
-    runs = {r.node: r for r in parse_run_lines(log)}
-    assert set(runs) == {"AttentionMapReuse", "EncoderFeaturePropagation"}, log.messages
-    encoder.check_stats(runs["EncoderFeaturePropagation"], STEPS)
-    assert runs["AttentionMapReuse"].steps == STEPS
-    assert torch.equal(sample(off, steps=STEPS), sample(sd15, steps=STEPS))
 
 
 # ------------------------------------------------- another cache skipping forwards around / inside our node
@@ -291,4 +272,4 @@ def test_attention_reuse_never_uses_a_map_older_than_its_schedule(sd15, mode):
 
     out, stats = run("1110110000")
     expected, _ = run("1110111111")
-    assert torch.equal(out, expected), f"steps after the skipped store step reused stale attention: {stats.line}"
+    assert torch.equal(out, expected), f"steps after the skipped store step reused stale attention: {stats}"

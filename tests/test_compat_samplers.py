@@ -4,8 +4,9 @@ Every case runs real ComfyUI sampling on the tiny U-Net for both nodes in both o
 Reuse: map / output; Encoder Feature Propagation: parallel decoding on / off) and checks:
 
 * finite output;
-* the node's one-line run summary: the schedule was resolved against the steps the sampler really ran and the
-  expected number of steps reused (attention) or decoded without the encoder (encoder propagation);
+* the run's statistics (from the engine's stats objects, ``run_records``): the schedule was resolved against the
+  steps the sampler really ran and the expected number of steps reused (attention) or decoded without the encoder
+  (encoder propagation);
 * the step index, independently of the node: against the unpatched run's per-step trajectory (sampler callback)
   every step before the first scheduled reuse step is bit-identical, and that step is the first one altered.
   A step counted wrongly (heun's second evaluation, img2img offsets, split segments) moves that step;
@@ -71,7 +72,7 @@ def reference(model, key: tuple, **kwargs) -> tuple[torch.Tensor, Trajectory]:
 
 
 def check_patched_run(method, model, ref_traj: Trajectory, *, steps_run: int, run=sample, **kwargs):
-    """Run ``method`` on ``model`` and assert finite output, run summary and first altered step vs ``ref_traj``."""
+    """Run ``method`` on ``model`` and assert finite output, run statistics and first altered step vs ``ref_traj``."""
     patched = method.apply(model)
     trajectory = Trajectory()
     with LogCapture() as log:
@@ -84,7 +85,7 @@ def check_patched_run(method, model, ref_traj: Trajectory, *, steps_run: int, ru
     altered_at, what = first_altered_step(trajectory, ref_traj)
     assert altered_at == expected_first, (
         f"{method.id}: first step that differs from the unpatched run is {altered_at} ({what}); the schedule's "
-        f"first reuse step is {expected_first} of {steps_run} run steps. {stats.line}"
+        f"first reuse step is {expected_first} of {steps_run} run steps. {stats}"
     )
     return out, stats
 
