@@ -24,6 +24,13 @@ def comfyui_unavailable_reason() -> str | None:
     return None
 
 
+# Why the bench's own tests skip in the newer versions' environments (scripts/test.sh runs them in the oldest's).
+NOT_IN_THIS_ENVIRONMENT = (
+    "not installed here: the bench and its dependencies live in the oldest tested ComfyUI's environment "
+    "(requirements/bench.txt; diffusers 0.39 needs huggingface_hub<1, which ComfyUI 0.33's transformers 5 refuses)"
+)
+
+
 def require_comfyui(reason: str | None) -> None:
     """Skip with ``reason`` where real ComfyUI (or its server or browser) is unusable; under ``CI=true`` that is a
     failure, never a skip: CI must prove the integration on every tested version."""

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from comfy_harness import NOT_IN_THIS_ENVIRONMENT
 
-pytest.importorskip("diffusers", reason="the bench samples a diffusers U-Net (requirements-dev.txt)")
-pytest.importorskip("DeepCache", reason="the bench's peer rows need DeepCache (requirements-dev.txt)")
-pytest.importorskip("matplotlib", reason="the bench's plot needs matplotlib (requirements-dev.txt)")
+pytest.importorskip("diffusers", reason=f"diffusers {NOT_IN_THIS_ENVIRONMENT}")
+pytest.importorskip("DeepCache", reason=f"DeepCache {NOT_IN_THIS_ENVIRONMENT}")
+pytest.importorskip("matplotlib", reason=f"matplotlib {NOT_IN_THIS_ENVIRONMENT}")
 
 ROOT = Path(__file__).resolve().parents[1]
 

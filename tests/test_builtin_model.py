@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from comfy_harness import NOT_IN_THIS_ENVIRONMENT
 
-pytest.importorskip("diffusers", reason="the built-in model is a diffusers UNet2DConditionModel (requirements-dev.txt)")
+pytest.importorskip("diffusers", reason=f"diffusers {NOT_IN_THIS_ENVIRONMENT}")
 
 from reuse_bench import builtin_model as bm
 from reuse_bench.digit_classifier import RECORD_PATH, load_classifier

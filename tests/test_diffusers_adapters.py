@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from comfy_harness import NOT_IN_THIS_ENVIRONMENT
 
-diffusers = pytest.importorskip("diffusers", reason="the diffusers adapters need diffusers (requirements-dev.txt)")
+diffusers = pytest.importorskip("diffusers", reason=f"diffusers {NOT_IN_THIS_ENVIRONMENT}")
 
 from reuse_core.adapters.diffusers_attention import DiffusersAttentionReuse, ReuseAttnProcessor  # noqa: E402
 from reuse_core.adapters.diffusers_encoder import DiffusersUNetHost  # noqa: E402

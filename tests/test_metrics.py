@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from comfy_harness import NOT_IN_THIS_ENVIRONMENT
 
 from reuse_core.metrics import psnr, ssim
 
@@ -71,7 +72,7 @@ def test_ssim_of_a_constant_shift_only_loses_luminance_term():
 def test_ssim_matches_scikit_image_on_real_photographs(distortion):
     """Our SSIM against scikit-image's (Gaussian 11x11, sigma 1.5, population covariance: Wang et al. 2004)."""
     np = pytest.importorskip("numpy")
-    skimage = pytest.importorskip("skimage", reason="scikit-image is a dev dependency (requirements/bench.txt)")
+    skimage = pytest.importorskip("skimage", reason=f"skimage {NOT_IN_THIS_ENVIRONMENT}")
     from skimage.metrics import structural_similarity
 
     rng = np.random.default_rng(0)
