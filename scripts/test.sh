@@ -2,7 +2,7 @@
 # The README's test command (details: docs/development.md): every test, against every tested ComfyUI version, each in its own virtual environment.
 #
 #   bash scripts/test.sh                  all versions: the whole suite on v0.3.64, every ComfyUI test on v0.33.0
-#   bash scripts/test.sh v0.33.0 [ARGS]   one version (ARGS go to pytest, e.g. -k flux or -m "not comfyui")
+#   bash scripts/test.sh v0.33.0 [ARGS]   one version (ARGS go to pytest, e.g. -k flux, or -m "not comfyui and not slow")
 #
 # A version is a tree in ../shared/comfyui/ with a pinned requirements/comfyui-<version>.txt; scripts/venv.sh builds
 # its environment (.venvs/comfyui-<version>, torch 2.13.0 CPU) on first use. Against any other ComfyUI tree, use an

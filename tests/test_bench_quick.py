@@ -16,6 +16,7 @@ pytest.importorskip("DeepCache", reason=f"DeepCache {NOT_IN_THIS_ENVIRONMENT}")
 pytest.importorskip("matplotlib", reason=f"matplotlib {NOT_IN_THIS_ENVIRONMENT}")
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # one full --quick run of the main job, 1-2 minutes on 2 cores
 
 
 @pytest.fixture(scope="module")
