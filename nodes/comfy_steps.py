@@ -32,10 +32,8 @@ def with_transformer_options(args: tuple, kwargs: dict, options: dict) -> tuple:
     if isinstance(kwargs.get("transformer_options"), dict):
         return args, {**kwargs, "transformer_options": options}
     original = transformer_options_of(args, kwargs)
-    for i in reversed(range(len(args))):
-        if args[i] is original:
-            return (*args[:i], options, *args[i + 1 :]), kwargs
-    return args, {**kwargs, "transformer_options": options}
+    i = next(i for i in reversed(range(len(args))) if args[i] is original)  # the caller found it there
+    return (*args[:i], options, *args[i + 1 :]), kwargs
 
 
 def sigmas_of_sample(args: tuple, kwargs: dict):

@@ -33,21 +33,28 @@ def is_comfyui(path: Path) -> bool:
     return (path / "comfy" / "model_patcher.py").is_file() and (path / "comfy_api").is_dir()
 
 
-def candidates(explicit: str | os.PathLike | None = None) -> list[Path]:
-    found = [Path(p) for p in (explicit, os.environ.get("COMFYUI_PATH")) if p]
-    found += [SHARED_TREES / version for version in reversed(TESTED_VERSIONS)]
+def _given(explicit: str | os.PathLike | None) -> list[Path]:
+    return [Path(p) for p in (explicit, os.environ.get("COMFYUI_PATH")) if p]
+
+
+def _defaults() -> list[Path]:
+    found = [SHARED_TREES / version for version in reversed(TESTED_VERSIONS)]
     if REPO_DIR.parent.name == "custom_nodes":
         found.append(REPO_DIR.parent.parent)
     return found
 
 
+def candidates(explicit: str | os.PathLike | None = None) -> list[Path]:
+    return _given(explicit) + _defaults()
+
+
 def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
     """The ComfyUI tree to use; an explicit path or ``COMFYUI_PATH`` that is not a ComfyUI tree is an error."""
-    for path in (Path(p) for p in (explicit, os.environ.get("COMFYUI_PATH")) if p):
+    for path in _given(explicit):
         if not is_comfyui(path):
             raise FileNotFoundError(f"COMFYUI_PATH / --comfyui: {path} is not a ComfyUI checkout (no comfy/)")
         return path.resolve()
-    for path in candidates():
+    for path in _defaults():
         if is_comfyui(path):
             return path.resolve()
     return None

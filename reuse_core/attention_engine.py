@@ -150,6 +150,13 @@ class AttentionCall:
     def key(self) -> Hashable:
         return (self.chunk_key, self.layer_key)
 
+    def q_heads(self) -> torch.Tensor:
+        return to_heads(self.q, self.heads, self.layout)
+
+    def kv_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``k`` or ``v`` as ``[B, heads, N, D]``, grouped-query K/V heads repeated to the query's."""
+        return kv_to_heads(t, self.heads, self.q_heads().shape[-1], self.layout)
+
     def split(self, n: int) -> list[AttentionCall] | None:
         """``n`` calls on equal blocks of rows, or None where the batch (or its mask) cannot be split that way."""
         rows = self.q.shape[0]
@@ -289,8 +296,7 @@ class AttentionReuseRun:
         if self.config.mode == "output":
             stored = cache.put(call.key, out)
         else:
-            qh = to_heads(call.q, call.heads, call.layout)
-            kh = kv_to_heads(call.k, call.heads, qh.shape[-1], call.layout)
+            qh, kh = call.q_heads(), call.kv_heads(call.k)
             nbytes = qh.shape[0] * qh.shape[1] * qh.shape[2] * kh.shape[2] * call.v.element_size()
             stored = cache.fits(nbytes, call.key)
             if stored:
@@ -339,7 +345,7 @@ class AttentionReuseRun:
         entry = self.cache.get(call.key, device=call.v.device)
         if entry is None:
             return None
-        vh = kv_to_heads(call.v, call.heads, to_heads(call.q, call.heads, call.layout).shape[-1], call.layout)
+        vh = call.kv_heads(call.v)
         b, h, nk, d = vh.shape
         nq = token_count(call.q, call.layout)
         if self.config.mode == "output":

@@ -105,10 +105,10 @@ def attention_map(
 
 
 def attention_with_map(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B,H,Nq,D], probs [B,H,Nq,Nk])``: explicit softmax attention and its map (``attention_map``)."""
-    probs = attention_map(q, k, map_dtype=kwargs.pop("map_dtype", None) or v.dtype, **kwargs)
+    probs = attention_map(q, k, mask=mask, map_dtype=v.dtype)
     return reuse_map(probs, v), probs
 
 

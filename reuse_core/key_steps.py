@@ -37,14 +37,13 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .steps import MAX_CUSTOM_CHARS
+
 PRESETS = ("paper", "uniform", "one_pass", "custom")
 PAPER_KEY_STEPS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 PAPER_REFERENCE_STEPS = 50
 PAPER_DENSE_PREFIX = 4  # steps 0..3 are keys in the paper's set and stay keys at every step count
-# Bounds on the custom list, far above any real run (ComfyUI's samplers take at most 10000 steps): they keep a pasted
-# or generated string from costing time and memory, and keep huge numbers away from int(), whose own error (over
-# 4300 digits) would not name the field.
-MAX_CUSTOM_CHARS = 100_000
+# Keeps huge numbers away from int(), whose own error (over 4300 digits) would not name the field.
 MAX_INDEX_DIGITS = 9
 
 

@@ -45,6 +45,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .steps import MAX_CUSTOM_CHARS
+
 STRATEGIES = ("hurry", "phast", "custom")
 
 # Paper results (Hunter et al. 2024): (steps, reuse) -> bits.
@@ -56,9 +58,6 @@ PHAST_RESULTS: dict[tuple[int, int], tuple[int, ...]] = {
 PHAST_TAIL_OFFSET = 0.3
 
 _IGNORED_CHARS = set(" \t\n\r,_|[]()")
-# Far above any real run (ComfyUI's samplers take at most 10000 steps, and a longer schedule is resampled anyway):
-# bounds the parse (repeated for every sampler run) and the verbose log line that quotes the schedule.
-MAX_CUSTOM_CHARS = 100_000
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Bound on a per-step text input (custom schedule, custom key steps), far above any real run (ComfyUI's samplers take
+# at most 10000 steps): it keeps a pasted or generated string from costing time and memory at every sampler run.
+MAX_CUSTOM_CHARS = 100_000
+
 
 @dataclass(frozen=True)
 class StepMatch:

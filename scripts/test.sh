@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONDONTWRITEBYTECODE=1  # never write __pycache__ into the read-only upstream trees
 # The tested versions are those with pinned requirements; the oldest also runs everything that needs no ComfyUI.
-mapfile -t versions < <(ls requirements | sed -n 's/^comfyui-\(v.*\)\.txt$/\1/p' | sort -V)
+mapfile -t versions < <(bash scripts/venv.sh --list)
 oldest="${versions[0]}"
 if [[ $# -gt 0 && "$1" == v* ]]; then
     versions=("$1")

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Build (or reuse) the virtual environment of one tested ComfyUI version: .venvs/comfyui-<version>.
 #   bash scripts/venv.sh v0.33.0      -> prints the environment's python
+#   bash scripts/venv.sh --list       -> the tested versions, oldest first (those with pinned requirements)
 # Each version gets its own pinned requirements (requirements/comfyui-<version>.txt) with torch 2.13.0 (CPU): the
 # versions need incompatible packages (frontend 1.27 vs 1.49, transformers 4 vs 5). The oldest version's
 # environment also holds the bench (requirements-dev.txt). Rebuilt when its requirement files change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tested="$(ls requirements | sed -n 's/^comfyui-\(v.*\)\.txt$/\1/p' | sort -V)"
+if [[ "$1" == --list ]]; then
+    echo "$tested"
+    exit 0
+fi
 version="$1"
-oldest="$(ls requirements | sed -n 's/^comfyui-\(v.*\)\.txt$/\1/p' | sort -V | head -1)"
+oldest="$(head -1 <<< "$tested")"
 venv=".venvs/comfyui-$version"
 if [[ ! -f "requirements/comfyui-$version.txt" ]]; then
-    echo "scripts/venv.sh: no requirements/comfyui-$version.txt: tested versions are $(ls requirements | sed -n 's/^comfyui-\(v.*\)\.txt$/\1/p' | tr '\n' ' ')" >&2
+    echo "scripts/venv.sh: no requirements/comfyui-$version.txt: tested versions are $(tr '\n' ' ' <<< "$tested")" >&2
     exit 2
 fi
 files=(requirements/test.txt "requirements/comfyui-$version.txt" requirements/comfyui-nodeps.txt)

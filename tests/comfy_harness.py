@@ -14,14 +14,16 @@ __all__ = ["PACK_DIR", "comfyui_version", "find_comfyui", "import_comfy", "load_
 def comfyui_unavailable_reason() -> str | None:
     """Why real ComfyUI cannot be used here, or None. Under ``CI=true`` the tests fail on it instead of skipping."""
     try:
-        root = find_comfyui()
-        import_comfy()
+        import_comfy()  # raises FileNotFoundError, naming where it looked, when there is no ComfyUI
     except Exception as exc:  # surfaced as the skip/failure reason, never swallowed silently
         where = f" (COMFYUI_PATH={os.environ['COMFYUI_PATH']})" if os.environ.get("COMFYUI_PATH") else ""
         return f"real ComfyUI unusable{where}: {type(exc).__name__}: {exc}"
-    if root is None:
-        return "real ComfyUI not found"
     return None
+
+
+def running_version() -> str:
+    """The version of the ComfyUI the tests run against, for skip reasons (e.g. "0.3.64")."""
+    return comfyui_version(find_comfyui())
 
 
 # Why the bench's own tests skip in the newer versions' environments (scripts/test.sh runs them in the oldest's).

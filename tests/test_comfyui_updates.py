@@ -33,7 +33,7 @@ def needs(comfy_attr: str, why: str):
     import comfy.ldm.modules.attention as attention
 
     if not hasattr(attention, comfy_attr):
-        pytest.skip(f"{why}: not in ComfyUI {h.comfyui_version(h.find_comfyui())}")
+        pytest.skip(f"{why}: not in ComfyUI {h.running_version()}")
     return getattr(attention, comfy_attr)
 
 
@@ -106,7 +106,7 @@ def test_outer_sample_passes_latent_shapes_through(node, comfy):
     import comfy.samplers
 
     if "latent_shapes" not in inspect.signature(comfy.samplers.CFGGuider.outer_sample).parameters:
-        pytest.skip(f"OUTER_SAMPLE has no latent_shapes keyword in ComfyUI {h.comfyui_version(h.find_comfyui())}")
+        pytest.skip(f"OUTER_SAMPLE has no latent_shapes keyword in ComfyUI {h.running_version()}")
     encoder = h.pack_node("EncoderFeaturePropagation")
     model = h.tiny_model("sd15", seed=3)
     both = encoder.execute(model=patched(node, model, reuse_steps=2), **h.node_inputs(encoder)).result[0].clone()
@@ -196,7 +196,7 @@ def _with_attention_backend(model):
     import comfy_extras.nodes_model_advanced as advanced
 
     if not hasattr(advanced, "ModelAttentionBackend"):
-        pytest.skip(f"ModelAttentionBackend is not in ComfyUI {h.comfyui_version(h.find_comfyui())}")
+        pytest.skip(f"ModelAttentionBackend is not in ComfyUI {h.running_version()}")
     patched_model = advanced.ModelAttentionBackend().patch(model, "pytorch attention")[0]
     options = patched_model.model_options["transformer_options"]
     spy = options["optimized_attention_override"] = CountingOverride(options["optimized_attention_override"])

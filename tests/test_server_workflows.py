@@ -16,7 +16,7 @@ import sys
 import urllib.parse
 
 import pytest
-from comfy_harness import comfyui_version, find_comfyui
+from comfy_harness import find_comfyui, running_version
 from server_support import (
     PACK_FOLDER_NAME,
     PACK_NODE_TYPES,
@@ -69,7 +69,7 @@ def test_examples_are_generated_from_the_current_node_schemas(comfy):
     """example_workflows/ is what tools/make_example_workflows.py makes from the nodes' schemas today (widget
     order, defaults, tooltips quoted in the notes); after a node changes, re-run that script."""
     generator = load_tools_module("make_example_workflows")
-    version = comfyui_version(find_comfyui())
+    version = running_version()
     if version != generator.GENERATED_WITH:
         pytest.skip(f"the examples are generated with ComfyUI {generator.GENERATED_WITH}'s schemas, this is {version}; "
                     "the browser test loads them in this version's frontend")

@@ -40,10 +40,6 @@ class Family:
     diffusion_model: str  # class name of the diffusion model (the name the pack matches)
 
 
-def version() -> str:
-    return h.comfyui_version(h.find_comfyui())
-
-
 def _require(label: str, *names: str, module=None) -> None:
     """Skip unless every ``names`` is an attribute of ``module`` (default ``comfy.model_base``)."""
     import comfy.model_base
@@ -51,7 +47,7 @@ def _require(label: str, *names: str, module=None) -> None:
     module = module or comfy.model_base
     missing = [n for n in names if not hasattr(module, n)]
     if missing:
-        pytest.skip(f"{label} is not in ComfyUI {version()} (no {module.__name__}.{missing[0]})")
+        pytest.skip(f"{label} is not in ComfyUI {h.running_version()} (no {module.__name__}.{missing[0]})")
 
 
 def _known(target, config: dict) -> dict:
