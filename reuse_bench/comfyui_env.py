@@ -2,15 +2,19 @@
 
 ComfyUI is looked up in an explicit path, then ``COMFYUI_PATH``, then the upstream trees beside the repository
 (``../shared/comfyui/<version>``, newest first), then the parent of the ``custom_nodes/`` folder the pack sits in.
-It is imported in CPU mode without writing bytecode (the trees may be read-only), with import-only stand-ins for
-torchvision/torchaudio when the real ones cannot load beside the pinned CPU torch (``comfyui_standins/``).
+It is imported in CPU mode without writing bytecode, with its folders (input, models, ...) in a temporary base
+directory (the trees may be read-only), and with import-only stand-ins for torchvision/torchaudio when the real ones
+cannot load beside the pinned CPU torch (``comfyui_standins/``).
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from functools import cache
 from pathlib import Path
@@ -115,6 +119,11 @@ def import_comfy(explicit: str | os.PathLike | None = None, *, fused_attention: 
 
     comfy.cli_args.args.cpu = True
     comfy.cli_args.args.use_pytorch_cross_attention = fused_attention
+    if not comfy.cli_args.args.base_directory:
+        # folder_paths creates <base>/input at import; by default <base> is the (read-only, upstream) tree.
+        base = tempfile.mkdtemp(prefix="comfyui-reuse-base-")
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        comfy.cli_args.args.base_directory = base
     import comfy.model_management  # after the CPU flag
     import comfy.model_patcher
     import comfy.sample

@@ -4,7 +4,7 @@
 #   bash scripts/venv.sh --list       -> the tested versions, oldest first (those with pinned requirements)
 # Each version gets its own pinned requirements (requirements/comfyui-<version>.txt) with torch 2.13.0 (CPU): the
 # versions need incompatible packages (frontend 1.27 vs 1.49, transformers 4 vs 5). The oldest version's
-# environment also holds the bench (requirements-dev.txt). Rebuilt when its requirement files change.
+# environment also holds the bench (requirements/bench.txt). Rebuilt when its requirement files change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tested="$(ls requirements | sed -n 's/^comfyui-\(v.*\)\.txt$/\1/p' | sort -V)"
