@@ -24,7 +24,8 @@ How a sampler run flows through it:
 Layer keys: on a U-Net (the attention call carries ``block``/``block_index``) a layer is
 ``(block, block_index, position within that transformer block)``, so a decoder layer keeps its key at Encoder
 Feature Propagation's decoder-only steps, where the encoder's attention calls do not happen. Models without block
-information (DiTs) use the call's ordinal within the forward.
+information (DiTs) use the call's ordinal within the forward, counted apart in a decoder-only pass of Encoder
+Feature Propagation (``comfy_steps.ENCODER_SKIPPED_KEY``), which skips the encoder blocks' calls.
 
 Chained with Encoder Feature Propagation (either order): a decoder-only pass at one step is an ordinary forward
 of that step, so decoder layers follow the step's bit. Encoder layers run only at key steps: at a reuse step they
@@ -54,6 +55,7 @@ from ..reuse_core.attention_math import attention_kind
 from ..reuse_core.schedules import ReuseSchedule, ScheduleSpec
 from .comfy_steps import (
     DECODER_STEPS_KEY,
+    ENCODER_SKIPPED_KEY,
     sigmas_of_sample,
     step_of_call,
     transformer_options_of,
@@ -187,6 +189,8 @@ def make_attention_override(previous=None):
             forward.block_calls[where] = position + 1
             kind = "self" if position == 0 and attention_kind(q, k, layout) == "self" else "cross"
             layer_key = (*where, position)
+        elif options.get(ENCODER_SKIPPED_KEY):
+            layer_key = ("decoder", ordinal)
         else:
             layer_key = (ordinal,)
         row_steps = options.get(DECODER_STEPS_KEY)

@@ -11,6 +11,11 @@ from ..reuse_core.steps import StepMatch, match_step
 # Attention Map Reuse applies step steps[j]'s schedule to block j instead of the call's own step.
 DECODER_STEPS_KEY = "comfyui_reuse.decoder_steps"
 
+# Set by Encoder Feature Propagation on the transformer_options of a diffusion transformer's decoder-only pass
+# (its encoder blocks make no attention calls there): Attention Map Reuse names such a pass's attention layers
+# apart from a full forward's, whose layer ordinals they would otherwise take.
+ENCODER_SKIPPED_KEY = "comfyui_reuse.encoder_skipped"
+
 
 def transformer_options_of(args: tuple, kwargs: dict) -> dict:
     """``transformer_options`` of a DIFFUSION_MODEL / APPLY_MODEL wrapper call.

@@ -1,5 +1,8 @@
 """ComfyUI glue for Encoder Feature Propagation (Faster Diffusion, TiUE one-pass): the per-run and per-call wrappers.
 
+The per-call host is ``unet_decoder.ComfyUNetHost`` for U-Nets and ``dit_host.ComfyDiTHost`` for the supported
+diffusion transformers (the encoder is their leading blocks: ``EncoderPropagationConfig.encoder_fraction``).
+
 Data flow: node inputs -> ``EncoderPropagationConfig`` (validated at node execution) -> per-run
 ``EncoderPropagationRun`` made in the ``OUTER_SAMPLE`` wrapper (plan from the run's ``sample_sigmas``, engine,
 optional noise-injecting sampler) and dropped in ``finally`` -> one engine call per ``DIFFUSION_MODEL`` call
@@ -18,8 +21,9 @@ import time
 from ..reuse_core.encoder_engine import EncoderPropagationConfig, EncoderPropagationEngine
 from ..reuse_core.key_steps import reuse_window
 from ..reuse_core.noise_injection import PriorNoiseInjection, sample_euler_prior_noise
-from .comfy_steps import sigmas_of_sample, step_of_call
-from .unet_decoder import ComfyUNetHost, bind_unet_call, has_output_control, unsupported_reason
+from .comfy_steps import sigmas_of_sample, step_of_call, transformer_options_of
+from .dit_host import BlockSplit, ComfyDiTHost, dit_unsupported_reason, object_patches
+from .unet_decoder import ComfyUNetHost, bind_unet_call, has_output_control, is_unet, unet_unsupported_reason
 
 WRAPPER_KEY = "comfyui_reuse.encoder_propagation"
 RUN_STATE_KEY = "comfyui_reuse.encoder_propagation.run"
@@ -29,7 +33,7 @@ LOG_NAME = "Encoder Feature Propagation"
 class EncoderPropagationRun:
     """State of one sampler run: the engine (feature cache, stored predictions, stats) and its timing."""
 
-    def __init__(self, config: EncoderPropagationConfig, sample_sigmas, model_sampling):
+    def __init__(self, config: EncoderPropagationConfig, sample_sigmas, model_sampling, split: BlockSplit | None):
         steps = len(sample_sigmas) - 1
         step_sigmas = sample_sigmas[:-1]
         window = reuse_window(
@@ -41,6 +45,7 @@ class EncoderPropagationRun:
         self.plan = config.plan(steps, window)
         step_timesteps = model_sampling.timestep(step_sigmas).float().tolist()
         self.engine = EncoderPropagationEngine(self.plan, step_timesteps, config.parallel_decoding)
+        self.split = split  # transformers only
         self.started = time.perf_counter()
 
     def log_line(self) -> str:
@@ -50,13 +55,19 @@ class EncoderPropagationRun:
         mode = f"parallel, max {self.config.max_decoders_per_batch}" if self.config.parallel_decoding else "sequential"
         injection = self.config.injection
         noise = f", noise injection alpha={injection.alpha} tau={injection.tau}" if injection.enabled else ""
+        split = f", {self.split.describe()}" if self.split else ""
         return (
-            f"{LOG_NAME}: {preset}, {self.plan.steps} steps, {mode}{noise}: {self.engine.stats.summary()}, "
+            f"{LOG_NAME}: {preset}, {self.plan.steps} steps{split}, {mode}{noise}: {self.engine.stats.summary()}, "
             f"wall {wall:.2f} s"
         )
 
     def reset(self) -> None:
         self.engine.reset()
+
+
+def unsupported_reason(net) -> str | None:
+    """Why encoder propagation cannot drive ``net`` (a U-Net or a diffusion transformer), or None."""
+    return unet_unsupported_reason(net) if is_unet(net) else dit_unsupported_reason(net)
 
 
 def cond_key(transformer_options: dict, x):
@@ -123,7 +134,9 @@ def make_outer_sample_wrapper(config: EncoderPropagationConfig):
                 kwargs["sampler"] = injecting_sampler(kwargs["sampler"], config.injection, model_sampling)
         if len(sigmas) < 2:
             return executor(*args, **kwargs)
-        run = EncoderPropagationRun(config, sigmas, model_sampling)
+        net = patcher.get_model_object("diffusion_model")
+        split = None if is_unet(net) else BlockSplit.of(net, config.encoder_fraction)
+        run = EncoderPropagationRun(config, sigmas, model_sampling, split)
         original_options = guider.model_options
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         guider.model_options.setdefault("transformer_options", {})[RUN_STATE_KEY] = run
@@ -138,12 +151,23 @@ def make_outer_sample_wrapper(config: EncoderPropagationConfig):
 
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
-    named, extras = bind_unet_call(args, kwargs)
-    options = named["transformer_options"]
+    options = transformer_options_of(args, kwargs)
     run: EncoderPropagationRun | None = options.get(RUN_STATE_KEY)
     if run is None:  # not inside a sampler run of this model
         return executor(*args, **kwargs)
     net = executor.class_obj  # checked once per run by the OUTER_SAMPLE wrapper
+    if run.split is not None:
+        host = ComfyDiTHost(executor, net, run.split, args, kwargs)
+        return run.engine.predict(
+            host,
+            host.x,
+            host.timesteps,
+            None,
+            step=step_of_call(options),
+            cache_key=cond_key(options, host.x),
+            batchable=host.batchable,
+        )
+    named, extras = bind_unet_call(args, kwargs)
     x, control = named["x"], named["control"]
     host = ComfyUNetHost(executor, net, control, options, extras)
     return run.engine.predict(
@@ -168,6 +192,10 @@ def apply_encoder_propagation(model, config: EncoderPropagationConfig):
     if reason:
         raise ValueError(reason)
     patched = model.clone()
+    net = model.get_model_object("diffusion_model")
+    if not is_unet(net):
+        for name, patch in object_patches(net).items():
+            patched.add_object_patch(name, patch)
     wrappers = comfy.patcher_extension.WrappersMP
     for wrapper_type in (wrappers.OUTER_SAMPLE, wrappers.DIFFUSION_MODEL):
         patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)

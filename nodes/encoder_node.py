@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..reuse_core.encoder_engine import EncoderPropagationConfig
+from ..reuse_core.encoder_engine import DIT_PAPER_ENCODER_FRACTION, EncoderPropagationConfig
 from ..reuse_core.key_steps import PRESETS, KeyStepSpec
 from ..reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjection
 from .encoder_hooks import apply_encoder_propagation
@@ -21,18 +21,19 @@ class EncoderFeaturePropagation(io.ComfyNode):
             display_name="Encoder Feature Propagation",
             category="model_patches/reuse",
             description=(
-                "Faster Diffusion (Li et al., NeurIPS 2024): run the U-Net encoder only at key steps and reuse its "
+                "Faster Diffusion (Li et al., NeurIPS 2024): run the encoder only at key steps and reuse its "
                 "features in the decoder at the other steps, optionally decoding several steps in one batch. "
-                "SD1.x / SD2.x / SDXL U-Nets."
+                "U-Nets (SD1.x / SD2.x / SDXL): the encoder is the input and middle blocks. Transformers (Flux, "
+                "Chroma, Qwen-Image, Wan, HunyuanVideo, LTX-Video, Z-Image / Lumina 2): the leading blocks."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The U-Net model (SD1.x, SD2.x, SDXL) to speed up."),
+                io.Model.Input("model", tooltip="The model to speed up: a U-Net or a supported transformer."),
                 io.Combo.Input(
                     "key_steps",
                     options=list(PRESETS),
                     default="paper",
                     tooltip=(
-                        "Steps that run the whole U-Net. paper: the paper's 50-step set {0,1,2,3,5,10,15,25,35} "
+                        "Steps that run the whole model. paper: the paper's 50-step set {0,1,2,3,5,10,15,25,35} "
                         "scaled to the run's step count (steps 0-3 always kept). uniform: every k-th step. "
                         "one_pass: only step 0 (TiUE; for distilled loop-free models, degrades ordinary ones). "
                         "custom: the list below."
@@ -91,7 +92,7 @@ class EncoderFeaturePropagation(io.ComfyNode):
                     min=0.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Reuse starts at this point of the denoising process; earlier steps run the whole U-Net.",
+                    tooltip="Reuse starts at this point of the denoising process; earlier steps run the whole model.",
                 ),
                 io.Float.Input(
                     "end_percent",
@@ -99,7 +100,17 @@ class EncoderFeaturePropagation(io.ComfyNode):
                     min=0.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Reuse ends at this point of the denoising process; later steps run the whole U-Net.",
+                    tooltip="Reuse ends at this point of the denoising process; later steps run the whole model.",
+                ),
+                io.Float.Input(
+                    "encoder_fraction",
+                    default=round(DIT_PAPER_ENCODER_FRACTION, 3),
+                    min=0.05,
+                    max=0.95,
+                    step=0.01,
+                    tooltip="Transformers only: the share of the blocks, in execution order, that form the encoder "
+                    "(rounded, at least one block on each side; Flux counts double then single blocks). The DiT "
+                    "paper's 18 of 28 = 0.643. Lower: faster decoder-only steps, further from the full model.",
                 ),
             ],
             outputs=[io.Model.Output(tooltip="A copy of the model with encoder feature propagation.")],
@@ -118,6 +129,7 @@ class EncoderFeaturePropagation(io.ComfyNode):
         noise_tau: float,
         start_percent: float,
         end_percent: float,
+        encoder_fraction: float = DIT_PAPER_ENCODER_FRACTION,
     ) -> io.NodeOutput:
         config = EncoderPropagationConfig(
             key_steps=KeyStepSpec.from_inputs(key_steps, uniform_k, custom_key_steps),
@@ -126,5 +138,6 @@ class EncoderFeaturePropagation(io.ComfyNode):
             start_percent=start_percent,
             end_percent=end_percent,
             injection=PriorNoiseInjection(noise_alpha, noise_tau),
+            encoder_fraction=encoder_fraction,
         )
         return io.NodeOutput(apply_encoder_propagation(model, config))

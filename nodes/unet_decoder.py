@@ -31,13 +31,12 @@ def unet_class():
     return UNetModel
 
 
-def unsupported_reason(net) -> str | None:
-    """Why encoder propagation cannot drive ``net``, or None."""
-    if not isinstance(net, unet_class()):
-        return (
-            f"Encoder Feature Propagation supports ComfyUI's UNetModel (SD1.x, SD2.x, SDXL) only; this model's "
-            f"diffusion model is {type(net).__module__}.{type(net).__name__}. Remove the node for this model."
-        )
+def is_unet(net) -> bool:
+    return isinstance(net, unet_class())
+
+
+def unet_unsupported_reason(net) -> str | None:
+    """Why encoder propagation cannot drive ``net`` (a ``UNetModel``), or None."""
     if getattr(net, "use_temporal_resblocks", False):
         return "Encoder Feature Propagation does not support video U-Nets (temporal blocks, e.g. SVD)."
     if getattr(net, "predict_codebook_ids", False):
@@ -93,7 +92,7 @@ class FeatureCapture:
         if self.middle is None or len(self.skips) != len(net.input_blocks):
             return None
         meta = {"dtype": x.dtype, "input_shape": tuple(x.shape), "transformer_index": self.transformer_index or 0}
-        return EncoderFeatures(tuple(self.skips), self.middle, meta)
+        return EncoderFeatures(tuple(self.skips), self.middle, meta=meta)
 
 
 class ComfyUNetHost:

@@ -21,8 +21,9 @@ API
 ``random_conditioning(seed=0, tokens=77, dim=768) -> (positive, negative)``
     CONDITIONING lists with one random ``[1, tokens, dim]`` embedding each.
 ``sample(patcher, *, steps, size=256, cfg=7.0, sampler="euler", scheduler="normal", seed=0, denoise=1.0,
-         positive=None, negative=None, record_step_times=False) -> SampleResult``
-    One ``comfy.sample.sample`` run on a ``size x size`` pixel image (latent ``size // 8``); returns the final
+         positive=None, negative=None, record_step_times=False, latent_channels=4) -> SampleResult``
+    One ``comfy.sample.sample`` run on a ``size x size`` pixel image (latent ``size // 8``, 16 channels for
+    Flux: ``latent_channels``); returns the final
     latent, the wall time, and, with ``record_step_times``, the U-Net time of every step (seconds, summed over
     the model calls of that step; CFG cond+uncond are one batch-2 call on the CPU). Step times come from an
     ``APPLY_MODEL`` wrapper on a clone, so wrapper- and override-based patches (this pack's nodes) are timed
@@ -76,7 +77,7 @@ def load_pack(comfy_path=None):
     return comfyui_env.load_pack()
 
 
-def _init_weights(model: torch.nn.Module, seed: int, std: float) -> None:
+def init_weights(model: torch.nn.Module, seed: int, std: float) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -97,7 +98,7 @@ def build_sd15(comfy_path=None, seed: int = 0, std: float = 0.02, dtype: torch.d
     config = comfy.supported_models.SD15(dict(SD15_UNET_CONFIG))
     config.set_inference_dtype(dtype, None)
     model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
-    _init_weights(model, seed, std)
+    init_weights(model, seed, std)
     model.eval()
     device = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
@@ -150,6 +151,7 @@ def sample(
     positive=None,
     negative=None,
     record_step_times: bool = False,
+    latent_channels: int = 4,
 ) -> SampleResult:
     """Run ``comfy.sample.sample`` once; see the module docstring."""
     import_comfy()
@@ -164,7 +166,7 @@ def sample(
         patcher.add_wrapper_with_key(
             comfy.patcher_extension.WrappersMP.APPLY_MODEL, TIMING_WRAPPER_KEY, _timing_wrapper(times)
         )
-    latent = torch.zeros(1, 4, size // 8, size // 8)
+    latent = torch.zeros(1, latent_channels, size // 8, size // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     start = time.perf_counter()
     with torch.inference_mode():

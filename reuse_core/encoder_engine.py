@@ -8,6 +8,11 @@ context. Such a decoder never reads the current latent, so the decoders of sever
 one batch (parallel decoding); their predictions are stored and handed out when the sampler reaches those
 steps. The host (not this engine) still turns a prediction into a denoised latent using the current latent.
 
+A diffusion transformer has no encoder/decoder shape; its DiT form (sen-mao/FasterDiffusion-DiT) calls the
+leading blocks the encoder (``encoder_block_count``: 18 of DiT-XL/2's 28) and caches the hidden state that
+leaves them. The decoder is the remaining blocks and the output head, run on that state with the current
+step's timestep and conditioning.
+
 This module is host-agnostic: it never imports ComfyUI or diffusers.
 
 Host interface (``EncoderDecoderHost``)
@@ -67,10 +72,16 @@ from .steps import StepMatch
 
 @dataclass(frozen=True)
 class EncoderFeatures:
-    """What the decoder needs from the encoder: skips (input-block order) and the middle-block output."""
+    """What the decoder needs from the encoder.
+
+    U-Net: the skips (input-block order) and the middle-block output. Transformer (the encoder is the leading
+    blocks): ``middle`` is the hidden state after the last encoder block and ``streams`` holds every other tensor
+    the remaining blocks read from it (e.g. ``txt`` in double-stream blocks); ``skips`` is empty.
+    """
 
     skips: tuple[torch.Tensor, ...]
     middle: torch.Tensor
+    streams: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     # Set by the engine on the features of a parallel decoder batch: the step index of each block of rows.
     steps: tuple[int, ...] | None = None
@@ -83,16 +94,24 @@ class EncoderFeatures:
         """``n`` copies along the batch, laid out as ``n`` blocks of the original rows."""
         if n == 1:
             return self
-        return EncoderFeatures(tuple(tile_batch(s, n) for s in self.skips), tile_batch(self.middle, n), self.meta)
+        return EncoderFeatures(
+            tuple(tile_batch(s, n) for s in self.skips),
+            tile_batch(self.middle, n),
+            {name: tile_batch(value, n) for name, value in self.streams.items()},
+            self.meta,
+        )
 
 
 def tile_batch(value: torch.Tensor, n: int) -> torch.Tensor:
     return value.repeat(n, *([1] * (value.ndim - 1)))
 
 
-def _tile_if_batched(value: Any, n: int, batch: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+def tile_rows(value: Any, n: int, rows: int) -> Any:
+    """``value`` tiled ``n`` times if it is batch-first with ``rows`` rows (inside plain lists/tuples too)."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
         return tile_batch(value, n)
+    if type(value) in (list, tuple):
+        return type(value)(tile_rows(item, n, rows) for item in value)
     return value
 
 
@@ -216,9 +235,9 @@ class EncoderPropagationEngine:
             raise ValueError(f"timesteps: expected one per row of the cached batch ({rows}), got {timesteps.shape[0]}")
         # The current step uses the call's own timesteps; later steps use the schedule's (same values).
         all_timesteps = torch.cat([timesteps] + [torch.full_like(timesteps, self.step_timesteps[j]) for j in batch[1:]])
-        batched_extra = {name: _tile_if_batched(value, n, rows) for name, value in extra.items()}
+        batched_extra = {name: tile_rows(value, n, rows) for name, value in extra.items()}
         tiled = replace(features.tile(n), steps=tuple(batch))
-        out = host.decode(tiled, all_timesteps, _tile_if_batched(context, n, rows), **batched_extra)
+        out = host.decode(tiled, all_timesteps, tile_rows(context, n, rows), **batched_extra)
         chunks = out.split(rows)
         if len(chunks) != n:
             raise RuntimeError(f"host decode returned batch {out.shape[0]}, expected {n * rows}")
@@ -258,9 +277,24 @@ class EncoderPropagationEngine:
         return out
 
 
+# Faster Diffusion's DiT form (sen-mao/FasterDiffusion-DiT): DiT-XL/2's first 18 of 28 blocks are the encoder.
+DIT_PAPER_ENCODER_FRACTION = 18 / 28
+
+
+def encoder_block_count(fraction: float, depth: int) -> int:
+    """How many of a transformer's ``depth`` leading blocks form the encoder: ``fraction`` of them, rounded, with
+    at least one block on each side of the split."""
+    if depth < 2:
+        raise ValueError(f"a transformer with {depth} block(s) cannot be split into an encoder and a decoder")
+    return min(max(round(fraction * depth), 1), depth - 1)
+
+
 @dataclass(frozen=True)
 class EncoderPropagationConfig:
-    """Validated user settings of encoder propagation (host-independent)."""
+    """Validated user settings of encoder propagation (host-independent).
+
+    ``encoder_fraction`` applies to transformers only (a U-Net's encoder is its input and middle blocks).
+    """
 
     key_steps: KeyStepSpec = field(default_factory=KeyStepSpec)
     parallel_decoding: bool = True
@@ -268,8 +302,15 @@ class EncoderPropagationConfig:
     start_percent: float = 0.0
     end_percent: float = 1.0
     injection: PriorNoiseInjection = field(default_factory=PriorNoiseInjection)
+    encoder_fraction: float = DIT_PAPER_ENCODER_FRACTION
 
     def __post_init__(self):
+        f = self.encoder_fraction
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 < f < 1.0:
+            raise ValueError(
+                f"encoder_fraction: the share of a transformer's blocks that form the encoder must lie strictly "
+                f"between 0 and 1 (paper: 18/28 = {DIT_PAPER_ENCODER_FRACTION:.3f}), got {f!r}"
+            )
         m = self.max_decoders_per_batch
         if not isinstance(m, int) or isinstance(m, bool) or m < 1:
             raise ValueError(f"max_decoders_per_batch: must be an integer >= 1, got {m!r}")

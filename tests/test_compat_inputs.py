@@ -93,6 +93,9 @@ ENCODER_BAD = [
     ("noise_tau", dict(noise_tau=-1.0)),
     ("noise_tau", dict(noise_tau=math.nan)),
     ("noise_tau", dict(noise_tau=5000.0)),
+    ("encoder_fraction", dict(encoder_fraction=0.0)),
+    ("encoder_fraction", dict(encoder_fraction=1.0)),
+    ("encoder_fraction", dict(encoder_fraction=math.nan)),
 ]
 
 

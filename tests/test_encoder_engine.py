@@ -11,6 +11,8 @@ from reuse_core.encoder_engine import (
     EncoderFeatures,
     EncoderPropagationConfig,
     EncoderPropagationEngine,
+    encoder_block_count,
+    tile_rows,
 )
 from reuse_core.key_steps import KeyStepSpec, make_plan
 from reuse_core.steps import StepMatch, match_step
@@ -252,3 +254,31 @@ def test_config_validation_names_the_field():
         EncoderPropagationConfig(end_percent=1.5)
     plan = EncoderPropagationConfig(key_steps=KeyStepSpec("uniform", 2), max_decoders_per_batch=1).plan(6)
     assert plan.full_steps == frozenset({0, 2, 4}) and plan.decode_batches == ((1,), (3,), (5,))
+
+
+@pytest.mark.parametrize(
+    ("fraction", "depth", "blocks"),
+    [(18 / 28, 28, 18), (18 / 28, 57, 37), (18 / 28, 2, 1), (0.05, 10, 1), (0.95, 6, 5)],
+)
+def test_encoder_block_count_keeps_a_block_on_each_side(fraction, depth, blocks):
+    assert encoder_block_count(fraction, depth) == blocks
+
+
+def test_encoder_block_count_refuses_a_single_block():
+    with pytest.raises(ValueError, match="1 block"):
+        encoder_block_count(0.5, 1)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.5, math.nan, True])
+def test_encoder_fraction_is_validated(fraction):
+    with pytest.raises(ValueError, match="encoder_fraction"):
+        EncoderPropagationConfig(encoder_fraction=fraction)
+
+
+def test_transformer_features_tile_their_streams_and_rows_tile_inside_lists():
+    features = EncoderFeatures((), torch.arange(2.0).view(2, 1), {"txt": torch.arange(4.0).view(2, 2)})
+    tiled = features.tile(3)
+    assert tiled.batch_size == 6 and torch.equal(tiled.streams["txt"][2:4], features.streams["txt"])
+    refs = [torch.zeros(2, 3), torch.zeros(1, 3)]
+    assert [r.shape[0] for r in tile_rows(refs, 3, rows=2)] == [6, 1]
+    assert tile_rows({"not": "tiled"}, 3, rows=2) == {"not": "tiled"}
