@@ -50,15 +50,13 @@ class EncoderPropagationRun:
 
     def log_line(self) -> str:
         wall = time.perf_counter() - self.started
-        spec = self.config.key_steps
-        preset = f"uniform k={spec.k}" if spec.preset == "uniform" else spec.preset
         mode = f"parallel, max {self.config.max_decoders_per_batch}" if self.config.parallel_decoding else "sequential"
         injection = self.config.injection
         noise = f", noise injection alpha={injection.alpha} tau={injection.tau}" if injection.enabled else ""
         split = f", {self.split.describe()}" if self.split else ""
         return (
-            f"{LOG_NAME}: {preset}, {self.plan.steps} steps{split}, {mode}{noise}: {self.engine.stats.summary()}, "
-            f"wall {wall:.2f} s"
+            f"{LOG_NAME}: {self.config.key_steps.label}, {self.plan.steps} steps{split}, {mode}{noise}: "
+            f"{self.engine.stats.summary()}, wall {wall:.2f} s"
         )
 
     def reset(self) -> None:

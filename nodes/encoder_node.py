@@ -8,7 +8,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..reuse_core.encoder_engine import DIT_PAPER_ENCODER_FRACTION, EncoderPropagationConfig
-from ..reuse_core.key_steps import PRESETS, KeyStepSpec
+from ..reuse_core.key_steps import ADAPTIVE_DEFAULT_THRESHOLD, PRESETS, KeyStepSpec
 from ..reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjection
 from .encoder_hooks import apply_encoder_propagation
 
@@ -36,7 +36,9 @@ class EncoderFeaturePropagation(io.ComfyNode):
                         "Steps that run the whole model. paper: the paper's 50-step set {0,1,2,3,5,10,15,25,35} "
                         "scaled to the run's step count (steps 0-3 always kept). uniform: every k-th step. "
                         "one_pass: only step 0 (TiUE; for distilled loop-free models, degrades ordinary ones). "
-                        "custom: the list below."
+                        "custom: the list below (paste a Reuse Calibrate key step list here). adaptive: no list; a "
+                        "step runs the whole model once the latent has changed by adaptive_threshold since the last "
+                        "one (decodes sequentially)."
                     ),
                 ),
                 io.Int.Input(
@@ -112,6 +114,17 @@ class EncoderFeaturePropagation(io.ComfyNode):
                     "(rounded, at least one block on each side; Flux counts double then single blocks). The DiT "
                     "paper's 18 of 28 = 0.643. Lower: faster decoder-only steps, further from the full model.",
                 ),
+                # Appended last: saved workflows list widget values by position.
+                io.Float.Input(
+                    "adaptive_threshold",
+                    default=ADAPTIVE_DEFAULT_THRESHOLD,
+                    min=0.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="For key_steps=adaptive: run the whole model once the model input has changed by this "
+                    "much (summed relative L1 change per step) since the last key step. 0 = every step (no reuse); "
+                    "higher = fewer key steps, faster, further from the full model. start/end_percent still apply.",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="A copy of the model with encoder feature propagation.")],
         )
@@ -130,9 +143,10 @@ class EncoderFeaturePropagation(io.ComfyNode):
         start_percent: float,
         end_percent: float,
         encoder_fraction: float = DIT_PAPER_ENCODER_FRACTION,
+        adaptive_threshold: float = ADAPTIVE_DEFAULT_THRESHOLD,
     ) -> io.NodeOutput:
         config = EncoderPropagationConfig(
-            key_steps=KeyStepSpec.from_inputs(key_steps, uniform_k, custom_key_steps),
+            key_steps=KeyStepSpec.from_inputs(key_steps, uniform_k, custom_key_steps, adaptive_threshold),
             parallel_decoding=bool(parallel_decoding),
             max_decoders_per_batch=max_decoders_per_batch,
             start_percent=start_percent,

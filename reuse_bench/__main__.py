@@ -1,7 +1,7 @@
-"""``python -m reuse_bench``: the main job. Samples the built-in MNIST model with and without every method and
-writes a Markdown table, a JSON file, a comparison grid and a PSNR-vs-speed plot to ``--out``.
+"""``python -m reuse_bench``: the main job. Samples the built-in MNIST models (U-Net and DiT) with and without every
+method and writes a Markdown table, a JSON file, a comparison grid and a PSNR-vs-speed plot to ``--out``.
 
-``--quick`` (4 images, 1 timing repeat, stored PHAST search) keeps it under two minutes on 2 CPU cores; the
+``--quick`` (4 images, 1 timing repeat, stored PHAST search) keeps it to about three minutes on 2 CPU cores; the
 full run (10 images, 5 repeats, PHAST searched here) is the project's benchmark. ``--comfyui PATH`` instead
 times the methods in real ComfyUI on a full-size SD1.5-shaped U-Net with random weights (timing columns only).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m reuse_bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small, fast run (< 2 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="small, fast run (about 3 min on 2 CPU cores)")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default: bench_out/)")
     p.add_argument("--repeats", type=int, default=None, help="timing repeats per method (default 5; quick 1)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")

@@ -1,11 +1,13 @@
-"""The bench: every method on the built-in model, side by side (``python -m reuse_bench``).
+"""The bench: every method on the built-in models, side by side (``python -m reuse_bench``).
 
-For a fixed set of seeds and classes it samples the full-compute references (DDIM 50 and DDIM 20) and each
-method at the same step count, then reports per method: wall-time ratio to its reference (medians of
-interleaved repeats in this process), measured U-Net FLOPs relative to the reference and what the method
-skipped, PSNR/SSIM of the final images against the reference of the same seed (mean and worst), the digit
-classifier's accuracy on the requested classes, peak tensor memory of a run, and the DDIM step count that
-takes the same wall time as the method, with that fewer-step run's PSNR against the same reference.
+Two models, each with its own rows: the MNIST U-Net (DDIM; references DDIM 50 and DDIM 20) and the MNIST DiT
+(``builtin_dit``: Euler flow; reference Euler 24; rows named ``DiT: ...``). For a fixed set of seeds and classes
+it samples the full-compute references and each method at the same step count, then reports per method: wall-time
+ratio to its reference (medians of interleaved repeats in this process), measured model FLOPs relative to the
+reference and what the method skipped, PSNR/SSIM of the final images against the reference of the same model and
+seed (mean and worst), the digit classifier's accuracy on the requested classes, peak tensor memory of a run, and
+the step count of the model's plain sampler that takes the same wall time as the method, with that fewer-step
+run's PSNR against the same reference.
 """
 
 from __future__ import annotations
@@ -25,14 +27,20 @@ from reuse_core.metrics import psnr, ssim
 from reuse_core.schedules import hurry, parse_bits, phast_preset
 
 from . import methods as M
+from . import methods_dit as MD
 from . import phast_search
+from .builtin_dit import DEFAULT_GUIDANCE as DIT_GUIDANCE
+from .builtin_dit import DEFAULT_STEPS as DIT_STEPS
+from .builtin_dit import load_builtin_dit
 from .builtin_model import BuiltinModel, load_builtin_model
 from .digit_classifier import DigitClassifier, held_out_accuracy, load_classifier
 from .measure import count_flops, peak_tensor_bytes, wall_time
-from .sampling import DEFAULT_GUIDANCE, SampleSpec, StepPredictor, sample, to_unit_range
+from .sampling import DEFAULT_GUIDANCE, SampleSpec, sample, to_unit_range
+from .sampling_dit import DiTSampleSpec, sample_dit
 
 ATTENTION_STEPS, ATTENTION_REUSE = 20, 10
 ENCODER_STEPS = 50
+DIT_ATTENTION_REUSE = DIT_STEPS // 2  # HURRY with half the steps reused, as the U-Net rows (10 of 20)
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class BenchSettings:
     seeds: tuple[int, ...] = tuple(range(10))
     repeats: int = 5
     guidance: float = DEFAULT_GUIDANCE
+    dit_guidance: float = DIT_GUIDANCE
     search_phast: bool = True  # full run: search here; quick: use the stored search result
 
     @classmethod
@@ -132,64 +141,119 @@ def build_methods(phast: dict[str, dict], quick: bool = False) -> list[M.Method]
     return rows + peers
 
 
-def _run(model: BuiltinModel, spec: SampleSpec, method: M.Method) -> tuple[torch.Tensor, StepPredictor]:
-    predictor = method.make(model)
-    return sample(model, spec, predictor), predictor
+def build_dit_methods(quick: bool = False) -> list[M.Method]:
+    """The DiT rows (one reference step count); ``quick`` keeps the rows the README table needs."""
+    steps = DIT_STEPS
+    rows = [MD.reference(steps)]
+    presets = [("Encoder propagation paper preset", KeyStepSpec("paper"))]
+    presets += [(f"Encoder propagation uniform k={k}", KeyStepSpec("uniform", k=k)) for k in (2, 4)]
+    for name, keys in presets:
+        rows.append(MD.encoder_method(name, steps, keys, parallel=True))
+    if not quick:
+        rows.append(MD.encoder_method("Encoder propagation paper preset", steps, KeyStepSpec("paper"), parallel=False))
+    for mode in ("output",) if quick else ("map", "output"):
+        schedule = hurry(steps, DIT_ATTENTION_REUSE)
+        rows.append(MD.attention_method(f"Attention reuse HURRY r={DIT_ATTENTION_REUSE}", steps, schedule, mode))
+    return rows + MD.peer_methods(steps, quick)
+
+
+@dataclass
+class Subject:
+    """One model of the bench: its rows and how to sample it (with a method's predictor, or plainly)."""
+
+    label: str
+    model: object
+    rows: list[Row]
+    spec: Callable[[int], object]  # steps -> sample spec over the bench's labels and seeds
+    one_image_spec: Callable[[int], object]
+    sample: Callable[[object, object], torch.Tensor]  # (spec, predictor or None) -> images
+    sampler: str
+
+    def run(self, spec, method: M.Method):
+        predictor = method.make(self.model)
+        return self.sample(spec, predictor), predictor
+
+    @property
+    def parameters(self) -> int:
+        net = getattr(self.model, "unet", None) or self.model.transformer
+        return sum(p.numel() for p in net.parameters())
+
+
+def _subjects(settings: BenchSettings, phast: dict[str, dict], unet: BuiltinModel) -> list[Subject]:
+    labels, seeds = settings.labels, settings.seeds
+    dit = load_builtin_dit()
+    return [
+        Subject(
+            "U-Net",
+            unet,
+            [Row(m) for m in build_methods(phast, settings.quick)],
+            lambda n: SampleSpec(labels, seeds, n, settings.guidance),
+            lambda n: SampleSpec(labels[:1], seeds[:1], n, settings.guidance),
+            lambda spec, predictor: sample(unet, spec, predictor),
+            "DDIM (eta 0)",
+        ),
+        Subject(
+            "DiT",
+            dit,
+            [Row(m) for m in build_dit_methods(settings.quick)],
+            lambda n: DiTSampleSpec(labels, seeds, n, settings.dit_guidance),
+            lambda n: DiTSampleSpec(labels[:1], seeds[:1], n, settings.dit_guidance),
+            lambda spec, predictor: sample_dit(dit, spec, predictor),
+            "Euler (rectified flow)",
+        ),
+    ]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
     return (statistics.fmean(values) if all(math.isfinite(v) for v in values) else math.inf), min(values)
 
 
-def run_bench(settings: BenchSettings, log: Callable[[str], None] = print, progress_factory=None) -> dict:
-    model = load_builtin_model()
-    classifier: DigitClassifier = load_classifier()
-    phast = phast_schedules(model, settings, log)
-    rows = [Row(m) for m in build_methods(phast, settings.quick)]
-    spec_of = {
-        steps: SampleSpec(settings.labels, settings.seeds, steps, settings.guidance)
-        for steps in {r.method.steps for r in rows}
-    }
+def _measure(subject: Subject, settings: BenchSettings, classifier: DigitClassifier, bar) -> None:
+    rows = subject.rows
+    specs = {steps: subject.spec(steps) for steps in {r.method.steps for r in rows}}
     labels = torch.tensor(settings.labels)
-
     # Warm-up (first calls pay for kernel selection and allocation), then interleaved timed repeats.
-    sample(model, SampleSpec(settings.labels[:1], settings.seeds[:1], 3, settings.guidance))
-    total = settings.repeats * len(rows) + len(rows)
-    bar = progress_factory(total) if progress_factory else None
+    subject.sample(subject.one_image_spec(3), None)
     for _ in range(settings.repeats):
         for row in rows:
-            (images, predictor), seconds = wall_time(lambda row=row: _run(model, spec_of[row.method.steps], row.method))
+            (images, predictor), seconds = wall_time(lambda row=row: subject.run(specs[row.method.steps], row.method))
             row.times.append(seconds)
             row.images, row.note = images, getattr(predictor, "note", "")
             if bar:
                 bar.update(1)
     # One instrumented run per method on the first image only (dispatch modes slow a run down, so it is never
-    # timed; FLOP ratios do not depend on the batch): U-Net FLOPs and peak tensor memory.
+    # timed; FLOP ratios do not depend on the batch, except for a batch-dependent method's, which are those of
+    # this one-image run): model FLOPs and peak tensor memory.
+    first_reference = {r.method.steps: r.images[0] for r in rows if r.method.family == "reference"}
     for row in rows:
-        spec = SampleSpec(settings.labels[:1], settings.seeds[:1], row.method.steps, settings.guidance)
+        spec = subject.one_image_spec(row.method.steps)
         ((images, predictor), row.peak_bytes), row.flops = count_flops(
-            lambda row=row, spec=spec: peak_tensor_bytes(lambda: _run(model, spec, row.method))
+            lambda row=row, spec=spec: peak_tensor_bytes(lambda: subject.run(spec, row.method))
         )
         row.cache_bytes = getattr(predictor, "cache_bytes", 0)
         # The same seed must give the same image in every run of a method (batch size aside): a difference
-        # means a method left state behind in the shared U-Net, and every later row would be wrong.
-        drift = (images[0] - row.images[0]).abs().max().item()
+        # means a method left state behind in the shared model, and every later row would be wrong. A
+        # batch-dependent method may differ alone, so there the plain model must still give its reference image.
+        if row.method.batch_dependent:
+            images, expected = subject.sample(spec, None), first_reference[row.method.steps]
+        else:
+            expected = row.images[0]
+        drift = (images[0] - expected).abs().max().item()
         if drift > 1e-2:
             raise RuntimeError(
-                f"{row.method.name}: seed {settings.seeds[0]} gave a different image in a second "
-                f"run (max difference {drift:.3g}); state leaked between runs"
+                f"{row.method.name}: seed {settings.seeds[0]} gave a different image in a second run"
+                f"{' of the plain model after it' if row.method.batch_dependent else ''} (max difference "
+                f"{drift:.3g}); state leaked between runs"
             )
         if bar:
             bar.update(1)
-    if bar:
-        bar.close()
 
     references = {r.method.steps: r for r in rows if r.method.family == "reference"}
     fewer_step_cache: dict[int, torch.Tensor] = {}
 
     def fewer_steps(n: int) -> torch.Tensor:
         if n not in fewer_step_cache:
-            fewer_step_cache[n] = sample(model, SampleSpec(settings.labels, settings.seeds, n, settings.guidance))
+            fewer_step_cache[n] = subject.sample(subject.spec(n), None)
         return fewer_step_cache[n]
 
     for row in rows:
@@ -202,6 +266,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print, progr
         ratio = median / ref_time
         result = {
             "method": row.method.name,
+            "model": subject.label,
+            "sampler": subject.sampler,
             "family": row.method.family,
             "steps": row.method.steps,
             "settings": row.method.settings,
@@ -220,8 +286,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print, progr
         result["psnr_mean"], result["psnr_worst"] = _stats(psnrs)
         result["ssim_mean"], result["ssim_worst"] = statistics.fmean(ssims), min(ssims)
         if row.method.family != "reference":
-            # The plain alternative: DDIM with as many steps as fit in the method's time. A method that is not
-            # faster than the reference has no such alternative (n >= steps), so nothing is sampled for it.
+            # The plain alternative: the model's own sampler with as many steps as fit in the method's time. A method
+            # that is not faster than the reference has no such alternative (n >= steps), so nothing is sampled.
             n = max(1, round(row.method.steps * ratio))
             result["equal_time_ddim_steps"] = n
             result["equal_time_ddim_psnr_mean"] = None
@@ -230,6 +296,20 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print, progr
                 fewer_psnr = [psnr(fewer[i], ref_img[i], data_range=1.0) for i in range(len(fewer))]
                 result["equal_time_ddim_psnr_mean"] = _stats(fewer_psnr)[0]
         row.result = result
+
+
+def run_bench(settings: BenchSettings, log: Callable[[str], None] = print, progress_factory=None) -> dict:
+    classifier: DigitClassifier = load_classifier()
+    unet = load_builtin_model()
+    phast = phast_schedules(unet, settings, log)
+    subjects = _subjects(settings, phast, unet)
+    total = sum((settings.repeats + 1) * len(s.rows) for s in subjects)
+    bar = progress_factory(total) if progress_factory else None
+    for subject in subjects:
+        _measure(subject, settings, classifier, bar)
+    if bar:
+        bar.close()
+    rows = [r for s in subjects for r in s.rows]
 
     return {
         "settings": {
@@ -242,6 +322,9 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print, progr
             "attention_steps": ATTENTION_STEPS,
             "attention_reuse": ATTENTION_REUSE,
             "encoder_steps": ENCODER_STEPS,
+            "dit_guidance": settings.dit_guidance,
+            "dit_sampler": "Euler (rectified flow, linear sigmas 1 -> 0)",
+            "dit_steps": DIT_STEPS,
         },
         "machine": {
             "platform": platform.platform(),
@@ -253,8 +336,12 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print, progr
         },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": {
-            "parameters": sum(p.numel() for p in model.unet.parameters()),
-            "training": model.metadata.get("training", {}).get("command"),
+            "parameters": subjects[0].parameters,
+            "training": subjects[0].model.metadata.get("training", {}).get("command"),
+        },
+        "models": {
+            s.label: {"parameters": s.parameters, "training": s.model.metadata.get("training", {}).get("command")}
+            for s in subjects
         },
         "classifier_held_out_accuracy": held_out_accuracy(),
         "phast": phast,

@@ -186,11 +186,12 @@ def end_to_end(patcher, pack, *, steps: int, size: int, rounds: int, encoder_sha
     for (preset, k, parallel), times in walls.items():
         if preset == "baseline":
             continue
-        key_count = len(keys.KeyStepSpec(preset, k).key_steps(steps))
+        spec = keys.KeyStepSpec(preset, k)
+        key_count = len(spec.key_steps(steps))
         rows.append(
             {
                 "table": "end_to_end",
-                "preset": f"uniform k={k}" if preset == "uniform" else preset,
+                "preset": spec.label,
                 "parallel": parallel,
                 "steps": steps,
                 "size": size,

@@ -116,7 +116,7 @@ def end_to_end(patcher, pack, *, steps: int, size: int, encoder_share: float) ->
         rows.append(
             {
                 "table": "end_to_end",
-                "preset": f"uniform k={k}" if preset == "uniform" else preset,
+                "preset": keys.KeyStepSpec(preset, k).label,
                 "parallel": parallel,
                 "steps": steps,
                 "size": size,

@@ -191,6 +191,9 @@ class Method:
     steps: int
     make: Callable[[BuiltinModel], StepPredictor]
     settings: dict = field(default_factory=dict)
+    # What it skips is decided from the whole batch (e.g. First Block Cache's mean residual change), so one image
+    # sampled alone may legitimately differ from the same image sampled with others.
+    batch_dependent: bool = False
 
 
 def attention_config(mode: str) -> AttentionReuseConfig:

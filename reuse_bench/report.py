@@ -11,8 +11,8 @@ import torch
 from .sampling import to_unit_range
 
 TABLE_HEADER = (
-    "| Method | Steps | Time vs ref (median) | U-Net FLOPs vs ref | Work skipped | PSNR dB mean / worst "
-    "| SSIM mean / worst | Class acc. | Peak tensor MB | DDIM at equal time: steps, PSNR |"
+    "| Method | Steps | Time vs ref (median) | Model FLOPs vs ref | Work skipped | PSNR dB mean / worst "
+    "| SSIM mean / worst | Class acc. | Peak tensor MB | Plain sampler at equal time: steps, PSNR |"
 )
 
 
@@ -49,13 +49,15 @@ def markdown(result: dict) -> str:
     lines = [
         f"# reuse_bench results ({'quick' if s['quick'] else 'full'})",
         "",
-        f"{len(s['seeds'])} images (classes {s['labels']}, seeds {s['seeds']}), DDIM eta 0, CFG {s['guidance']}, "
-        f"{s['repeats']} interleaved timing repeat(s)"
+        f"{len(s['seeds'])} images (classes {s['labels']}, seeds {s['seeds']}); U-Net rows: DDIM eta 0, CFG "
+        f"{s['guidance']}; DiT rows (`DiT: ...`, the Flux transformer of `builtin_dit`): {s['dit_sampler']}, CFG "
+        f"{s['dit_guidance']}; {s['repeats']} interleaved timing repeat(s)"
         f"{' (quick: time ratios are noisy on a busy machine)' if s['quick'] else ''}; "
         f"{m['processor']}, {m['cpu_count']} CPUs, "
         f"torch {m['torch']} with {m['torch_threads']} threads; {result['date']}.",
-        "Time and FLOPs are relative to the full-compute DDIM run with the same step count (PSNR/SSIM too, per seed, "
-        "images in [0, 1]). Class acc. = digit classifier agrees with the requested class "
+        "Time and FLOPs are relative to the same model's full-compute run with the same step count (PSNR/SSIM too, "
+        "per seed, images in [0, 1]); the plain sampler at equal time is that model's own sampler (DDIM or Euler) "
+        "with as many steps as fit in the method's time. Class acc. = digit classifier agrees with the requested class "
         f"(classifier held-out accuracy on real digits: {result['classifier_held_out_accuracy']}). "
         "Peak tensor MB = peak live tensor storage allocated during a one-image run (CFG batch 2); "
         "FLOPs are measured on the same run.",
@@ -74,11 +76,13 @@ def markdown(result: dict) -> str:
     lines.append("")
     if slower:
         lines.append(
-            "Not faster than full compute here (equal-time DDIM needs as many steps): " + "; ".join(slower) + "."
+            "Not faster than full compute here (the plain sampler at equal time needs as many steps): "
+            + "; ".join(slower)
+            + "."
         )
     if not_better:
         lines.append(
-            "Not better than simply running fewer DDIM steps in the same time (equal or higher PSNR): "
+            "Not better than simply running fewer plain steps in the same time (equal or higher PSNR): "
             + "; ".join(not_better)
             + "."
         )
@@ -133,24 +137,30 @@ def grid_png(result: dict, path: Path, scale: int = 2) -> None:
 
 
 def plot_png(result: dict, path: Path) -> None:
-    """PSNR (mean) against speed-up, one panel per reference step count; fewer-step DDIM points for comparison."""
+    """PSNR (mean) against speed-up, one panel per model and reference step count; fewer-step plain-sampler points
+    for comparison."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    step_counts = sorted({r["steps"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(step_counts), figsize=(6.5 * len(step_counts), 5), squeeze=False)
+    panels = sorted({(r.get("model", "U-Net"), r["steps"]) for r in result["rows"]}, key=lambda p: (p[0] != "U-Net", p))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
     colours = {"attention": "tab:blue", "encoder": "tab:orange", "both": "tab:green", "peer": "tab:red"}
-    for ax, steps in zip(axes[0], step_counts, strict=True):
-        rows = [r for r in result["rows"] if r["steps"] == steps and r["family"] != "reference"]
+    for ax, (model, steps) in zip(axes[0], panels, strict=True):
+        rows = [
+            r
+            for r in result["rows"]
+            if r.get("model", "U-Net") == model and r["steps"] == steps and r["family"] != "reference"
+        ]
+        plain = "Euler" if model == "DiT" else "DDIM"
         finite = [r["psnr_mean"] for r in rows if math.isfinite(r["psnr_mean"])]
         cap = max([*finite, 40.0]) + 5
         for r in rows:
             y = r["psnr_mean"] if math.isfinite(r["psnr_mean"]) else cap
             ax.scatter(1 / r["time_ratio"], y, color=colours[r["family"]], s=30)
             ax.annotate(
-                r["method"].replace("Encoder propagation", "EP").replace("Attention reuse", "AR"),
+                r["method"].replace("Encoder propagation", "EP").replace("Attention reuse", "AR").removeprefix("DiT: "),
                 (1 / r["time_ratio"], y),
                 fontsize=6,
                 xytext=(3, 2),
@@ -160,12 +170,12 @@ def plot_png(result: dict, path: Path) -> None:
             if n < steps and math.isfinite(r["equal_time_ddim_psnr_mean"]):
                 ax.scatter(steps / n, r["equal_time_ddim_psnr_mean"], color="black", marker="x", s=25)
         ax.axvline(1.0, color="grey", lw=0.5)
-        ax.set_title(f"vs full-compute DDIM {steps} (x = DDIM with fewer steps, same time)")
+        ax.set_title(f"{model}: vs full-compute {plain} {steps} (x = {plain} with fewer steps, same time)", fontsize=9)
         ax.set_xlabel("speed-up (reference time / method time)")
         ax.set_ylabel("PSNR vs reference, dB (mean over seeds)")
         for family, colour in colours.items():
             ax.scatter([], [], color=colour, label=family)
-        ax.scatter([], [], color="black", marker="x", label="fewer-step DDIM")
+        ax.scatter([], [], color="black", marker="x", label=f"fewer-step {plain}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -55,6 +55,17 @@ whole U-Net iff its step is a full step (or nothing is cached yet for its key); 
 on the cache at its own timestep. Only exact calls at full steps refresh the cache, and only exact calls use
 stored parallel predictions, so parallel and sequential decoding give the same result for every sampler,
 and with every step a key step every call is a plain full forward.
+
+Adaptive key steps (``PropagationPlan.adaptive_threshold`` set)
+---------------------------------------------------------------
+No calibration, no fixed list: at the exact call of step ``i`` the engine adds the relative L1 change of the
+model input ``mean|x_i - x_(i-1)| / mean|x_(i-1)|`` (per cache key) to a running sum, and step ``i`` is a key step
+iff that sum has reached the threshold (the sum then restarts at 0); steps the plan runs in full (step 0, steps
+outside the reuse window) are key steps regardless and restart the sum. The input is what every host passes
+anyway, so the indicator costs one subtraction per call and no model pass. Threshold 0 makes every step a key step
+(the sum is always >= 0), which is the full model bit for bit. Intermediate evaluations of multi-evaluation
+samplers follow their step's decision. Parallel decoding cannot apply: the decision for step ``i + 1`` needs the
+latent step ``i`` produces, so an adaptive plan has no decoder batches and every decoder-only step decodes alone.
 """
 
 from __future__ import annotations
@@ -162,13 +173,37 @@ class EncoderPropagationEngine:
         # step whose full pass produced each cache entry: detects key steps that never reached the engine
         self._features_step: dict[Hashable, int] = {}
         self._predictions: dict[tuple[Hashable, int], torch.Tensor] = {}
+        # adaptive plans: per cache key the last exact step's input and the change summed since the last key step;
+        # per (cache key, step) whether that step refreshes the encoder
+        self._last_input: dict[Hashable, torch.Tensor] = {}
+        self._change_sum: dict[Hashable, float] = {}
+        self._refresh: dict[tuple[Hashable, int], bool] = {}
         self.stats = PropagationStats()
 
     def reset(self) -> None:
         self._features.clear()
         self._features_step.clear()
         self._predictions.clear()
+        self._last_input.clear()
+        self._change_sum.clear()
+        self._refresh.clear()
         self.stats = PropagationStats()
+
+    def observe_input(self, step: StepMatch | None, cache_key: Hashable, x: torch.Tensor) -> None:
+        """Adaptive plans: decide at the exact call of ``step`` whether it is a key step (rule in the docstring)."""
+        threshold = self.plan.adaptive_threshold
+        if threshold is None or step is None or not step.exact:
+            return
+        previous = self._last_input.get(cache_key)
+        if previous is None or previous.shape != x.shape:
+            change = float("inf")  # nothing to compare with: refresh
+        else:
+            change = float((x - previous).abs().mean() / (previous.abs().mean() + 1e-12))
+        total = self._change_sum.get(cache_key, 0.0) + change
+        refresh = self.plan.is_full(step.index) or total >= threshold
+        self._refresh[(cache_key, step.index)] = refresh
+        self._change_sum[cache_key] = 0.0 if refresh else total
+        self._last_input[cache_key] = x.detach().clone()
 
     # Decisions ---------------------------------------------------------------------------------------
     def needs_full_pass(self, step: StepMatch | None, cache_key: Hashable) -> bool:
@@ -177,7 +212,11 @@ class EncoderPropagationEngine:
         # A planned full step between the cached features and now was skipped before reaching the engine
         # (an outer cache such as EasyCache returned early): refresh now rather than decode from older features.
         since = self._features_step.get(cache_key, -1)
-        return self.plan.is_full(step.index) or any(self.plan.is_full(i) for i in range(since + 1, step.index))
+        if self.plan.is_full(step.index) or any(self.plan.is_full(i) for i in range(since + 1, step.index)):
+            return True
+        if self.plan.adaptive_threshold is not None:
+            return self._refresh.get((cache_key, step.index), True)  # a step never decided runs in full
+        return False
 
     def wants_features(self, step: StepMatch | None, cache_key: Hashable) -> bool:
         """Should a full pass at ``step`` keep its features? Only if a decoder-only step can follow from it."""
@@ -264,6 +303,7 @@ class EncoderPropagationEngine:
         parallel batch nor uses a stored prediction (for per-step inputs a batch cannot carry, such as ControlNet
         output residuals).
         """
+        self.observe_input(step, cache_key, x)
         if not self.needs_full_pass(step, cache_key):
             return self.decode_step(host, step, cache_key, timesteps, context, batchable=batchable, **extra)
         capture = self.wants_features(step, cache_key)

@@ -15,19 +15,26 @@ Presets (``KeyStepSpec.preset``)
 * ``one_pass``: ``{0}``, the TiUE / "One-Way Ticket" limit case: one encoder pass shared by all decoder steps.
   Meant for distilled loop-free students; it degrades ordinary checkpoints.
 * ``custom``: an explicit list such as ``"0,1,2,5,10"`` (commas and/or spaces). Step 0 is always a key step
-  (nothing is cached before it); entries ``>= N`` do not apply to an ``N``-step run.
+  (nothing is cached before it); entries ``>= N`` do not apply to an ``N``-step run. A calibrated list
+  (``reuse_core.calibration``) is a custom list.
+* ``adaptive``: no fixed list. At each step the engine adds up the relative L1 change of the model input since the
+  last key step and runs the whole model once that sum reaches ``threshold`` (``PropagationPlan.adaptive_threshold``;
+  the rule is in ``encoder_engine``). Threshold 0 makes every step a key step.
 
 Reuse window and full steps
 ---------------------------
 Reuse can be restricted to part of the run (``start_percent`` / ``end_percent`` in the ComfyUI node): steps
 outside the window run the whole U-Net. ``PropagationPlan.full_steps`` = key steps plus steps outside the
-window; every other step is a decoder-only step.
+window; every other step is a decoder-only step. In ``adaptive`` mode ``full_steps`` holds only the steps that must
+run in full (step 0 and the steps outside the window); the engine decides the others while sampling.
 
 Parallel decoding groups
 ------------------------
 A decoder-only step never reads the current latent, so the decoder-only steps that follow one full step can
 run as one batch. ``group_non_key_steps`` splits each run of consecutive decoder-only steps into batches of
-at most ``max_batch`` steps (a memory cap: activation memory grows with the batch).
+at most ``max_batch`` steps (a memory cap: activation memory grows with the batch). ``adaptive`` plans have no
+batches: whether step ``i + 1`` reuses depends on the latent that step ``i`` produces, so decoder-only steps cannot be
+known, let alone decoded, ahead of time; adaptive runs decode sequentially whatever ``parallel_decoding`` says.
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ from dataclasses import dataclass
 
 from .steps import MAX_CUSTOM_CHARS
 
-PRESETS = ("paper", "uniform", "one_pass", "custom")
+PRESETS = ("paper", "uniform", "one_pass", "custom", "adaptive")
+# Node default of the adaptive threshold: on the built-in model (20 DDIM steps) 0.25 gave 6 key steps, 0.1 gave 10.
+ADAPTIVE_DEFAULT_THRESHOLD = 0.3
 PAPER_KEY_STEPS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 PAPER_REFERENCE_STEPS = 50
 PAPER_DENSE_PREFIX = 4  # steps 0..3 are keys in the paper's set and stay keys at every step count
@@ -122,6 +131,7 @@ class KeyStepSpec:
     preset: str = "paper"
     k: int = 4
     custom: tuple[int, ...] = ()
+    threshold: float = 0.0  # adaptive only: accumulated relative input change that triggers a key step
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -134,12 +144,30 @@ class KeyStepSpec:
         object.__setattr__(self, "custom", tuple(sorted(set(custom))))
         if self.preset == "custom" and not self.custom:
             raise ValueError("custom_key_steps: the 'custom' preset needs a list such as '0,1,2,5,10'")
+        t = self.threshold
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
+            raise ValueError(
+                f"adaptive_threshold: must be a finite number >= 0 (0 = every step a key step; try 0.1-0.5), got {t!r}"
+            )
 
     @classmethod
-    def from_inputs(cls, preset: str, k: int = 4, custom_text: str = "") -> KeyStepSpec:
+    def from_inputs(cls, preset: str, k: int = 4, custom_text: str = "", threshold: float = 0.0) -> KeyStepSpec:
         """Build from UI values; the custom list is parsed (and validated) only for the ``custom`` preset."""
         custom = parse_key_step_list(custom_text) if preset == "custom" else ()
-        return cls(preset=preset, k=k, custom=custom)
+        return cls(preset=preset, k=k, custom=custom, threshold=threshold)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.preset == "adaptive"
+
+    @property
+    def label(self) -> str:
+        """The preset as log lines name it."""
+        if self.preset == "uniform":
+            return f"uniform k={self.k}"
+        if self.adaptive:
+            return f"adaptive threshold={self.threshold:g}"
+        return self.preset
 
     def key_steps(self, steps: int) -> tuple[int, ...]:
         _check_steps(steps)
@@ -147,7 +175,7 @@ class KeyStepSpec:
             return paper_key_steps(steps)
         if self.preset == "uniform":
             return uniform_key_steps(steps, self.k)
-        if self.preset == "one_pass":
+        if self.preset in ("one_pass", "adaptive"):  # adaptive: only step 0 is known before sampling
             return one_pass_key_steps(steps)
         return tuple(sorted({0} | {s for s in self.custom if s < steps}))
 
@@ -194,6 +222,7 @@ class PropagationPlan:
     steps: int
     full_steps: frozenset[int]
     decode_batches: tuple[tuple[int, ...], ...]
+    adaptive_threshold: float | None = None  # set: the engine picks key steps among the other steps while sampling
 
     def __post_init__(self):
         _check_steps(self.steps)
@@ -225,4 +254,7 @@ def make_plan(
         raise ValueError(f"window: needs one flag per step ({steps}), got {len(window)}")
     outside = {i for i in range(steps) if window is not None and not window[i]}
     full = frozenset(set(keys) | outside)
+    if spec.adaptive:
+        group_non_key_steps(steps, full, max_batch)  # still validates max_batch
+        return PropagationPlan(steps, full, (), adaptive_threshold=float(spec.threshold))
     return PropagationPlan(steps, full, group_non_key_steps(steps, full, max_batch))

@@ -117,7 +117,7 @@ def encoder_record(run) -> RunRecord:
         node=ENCODER,
         steps=run.plan.steps,
         reused_steps=run.plan.steps - len(key_steps),
-        preset=f"uniform k={spec.k}" if spec.preset == "uniform" else spec.preset,
+        preset=spec.label,
         parallel_decoding=run.config.parallel_decoding,
         max_decoders_per_batch=run.config.max_decoders_per_batch,
         noise_alpha=run.config.injection.alpha,

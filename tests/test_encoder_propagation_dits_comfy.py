@@ -204,5 +204,5 @@ def test_family_without_a_split_mechanism_is_refused(comfy, node, family):
 
 def test_prior_noise_injection_is_refused_on_flow_models(comfy, node, reference):
     dit, _ = reference("flux")
-    with pytest.raises(ValueError, match="noise_alpha > 0 .* needs a discrete"):
+    with pytest.raises(ValueError, match=r"noise_alpha > 0 .* needs a discrete"):
         run(dit, patched(node, dit.patcher, noise_alpha=0.003))

@@ -1,8 +1,10 @@
-"""Attention Map Reuse for diffusers U-Nets: an attention processor that routes every call through the engine.
+"""Attention Map Reuse for diffusers models: an attention processor that routes every call through the engine.
 
 ``ReuseAttnProcessor`` does what diffusers' default ``AttnProcessor2_0`` does (same operations, same order)
 and hands the scaled-dot-product step to ``AttentionReuseRun.attention``, so with no reuse step the output is
-bit-identical to the unpatched model. The host tells the adapter which sampling step the next U-Net call
+bit-identical to the unpatched model. ``FluxAttention`` layers (``FluxTransformer2DModel``) get
+``ReuseFluxAttnProcessor`` instead, the same for diffusers' ``FluxAttnProcessor``: the joint text+image attention
+after RoPE is one self-attention call of the engine. The host tells the adapter which sampling step the next U-Net call
 belongs to, either directly (``set_step``) or from the timestep the U-Net is called with
 (``track_timesteps``: the index of that value in the scheduler's timesteps, the diffusers analogue of
 ComfyUI's sigma matching).
@@ -19,6 +21,7 @@ Usage::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -97,6 +100,58 @@ class ReuseAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class ReuseFluxAttnProcessor(ReuseAttnProcessor):
+    """``FluxAttnProcessor`` (diffusers' default for ``FluxAttention``) with the attention step through the engine."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query = attn.norm_q(query.unflatten(-1, (attn.heads, -1)))
+        key = attn.norm_k(key.unflatten(-1, (attn.heads, -1)))
+        value = value.unflatten(-1, (attn.heads, -1))
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (attn.heads, -1)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (attn.heads, -1)))
+            encoder_value = encoder_value.unflatten(-1, (attn.heads, -1))
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        def fused() -> torch.Tensor:  # [B, N, H, D] in and out, as FluxAttnProcessor calls it; the engine wants bhnd
+            return dispatch_attention_fn(query, key, value, attn_mask=attention_mask).transpose(1, 2)
+
+        hidden_states = self.owner.run.attention(
+            fused,
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            heads=attn.heads,
+            step=self.owner.step,
+            layer_key=self.layer_key,
+            layout="bhnd",
+            output_layout="bhnd",
+            kind="self",  # text and image tokens attend jointly: queries and keys are the same sequence
+            mask=attention_mask,
+        )
+        hidden_states = hidden_states.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        text = encoder_hidden_states.shape[1]
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [text, hidden_states.shape[1] - text], dim=1
+        )
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
 class DiffusersAttentionReuse:
     """Installs ``ReuseAttnProcessor`` on every attention layer of a diffusers model for one sampler run."""
 
@@ -122,7 +177,8 @@ class DiffusersAttentionReuse:
         self._timesteps = [float(t) for t in timesteps]
 
     def _pre_forward(self, module, args, kwargs):
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        # By name: the timestep is the second positional argument of a U-Net but the fourth of a Flux transformer.
+        timestep = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("timestep")
         t = torch.as_tensor(timestep).flatten()
         if t.numel() and bool((t == t[0]).all()) and float(t[0]) in self._timesteps:
             self.step = self._timesteps.index(float(t[0]))
@@ -133,9 +189,17 @@ class DiffusersAttentionReuse:
         if self._original is not None:
             raise RuntimeError("attention reuse is already installed on this model")
         self._original = dict(self.model.attn_processors)
-        self.model.set_attn_processor(
-            {name: ReuseAttnProcessor(self, name.removesuffix(".processor")) for name in self._original}
-        )
+        processors = {}
+        for name, original in self._original.items():
+            layer = name.removesuffix(".processor")
+            flux = type(self.model.get_submodule(layer)).__name__ == "FluxAttention"
+            if flux and type(original).__name__ != "FluxAttnProcessor":
+                raise TypeError(
+                    f"attention reuse: {layer} runs {type(original).__name__}; on Flux attention layers only "
+                    "diffusers' default FluxAttnProcessor can be replaced (remove IP-Adapter/other processors first)"
+                )
+            processors[name] = (ReuseFluxAttnProcessor if flux else ReuseAttnProcessor)(self, layer)
+        self.model.set_attn_processor(processors)
         if self._timesteps is not None:
             self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         return self

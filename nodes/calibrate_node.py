@@ -1,0 +1,195 @@
+"""V3 node ``ReuseCalibrate``: one full-compute KSampler run -> calibrated schedules for both reuse nodes.
+
+The schedules leave as STRING outputs, wired into the existing ``custom_key_steps`` (Encoder Feature Propagation,
+``key_steps = custom``) and ``custom_schedule`` (Attention Map Reuse, ``strategy = custom``) widgets: in the V3 API a
+STRING output links to any STRING widget input, so saved workflows and the nodes' inputs stay as they are, the same
+text can be pasted instead of linked, and there is no new type for other packs to learn. The core
+(``reuse_core.calibration``) does the optimisation; ``calibrate_hooks`` records the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from comfy_api.latest import io
+
+from ..reuse_core.calibration import Budget, calibrate, sigma_step_weights
+from ..reuse_core.encoder_engine import DIT_PAPER_ENCODER_FRACTION
+from .calibrate_hooks import ATTENTION_MAP, ATTENTION_OUTPUT, CalibrationSession, log_run, recording_clone
+
+TARGET_KINDS = ("reuse_steps", "speedup")
+# Measured on the full-size SD1.5 U-Net in ComfyUI on CPU (docs/benchmarks.md): a decoder-only step of Encoder
+# Feature Propagation costs ~0.66 of a full step (paper preset 1.25x, uniform k=4 1.35x, sequential), an output-mode
+# attention reuse step ~0.8 (0.79-0.82 at 512x512).
+ENCODER_REUSE_COST = 0.66
+ATTENTION_REUSE_COST = 0.8
+
+
+def budget_of(target_kind: str, target: float) -> Budget:
+    if target_kind not in TARGET_KINDS:
+        raise ValueError(f"target_kind: unknown {target_kind!r}; choose one of {', '.join(TARGET_KINDS)}")
+    if not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target):
+        raise ValueError(f"target: must be a finite number, got {target!r}")
+    if target_kind == "speedup":
+        return Budget(speedup=float(target))
+    if target != int(target) or target < 0:
+        raise ValueError(f"target: with target_kind = reuse_steps, give a whole number of steps >= 0, got {target!r}")
+    return Budget(reuse_steps=int(target))
+
+
+class ReuseCalibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="ReuseCalibrate",
+            display_name="Reuse Calibrate",
+            category="model_patches/reuse",
+            description=(
+                "Samples once at full compute (like KSampler) while recording how much the encoder features and the "
+                "attention change from step to step, and picks the key steps of Encoder Feature Propagation and the "
+                "reuse schedule of Attention Map Reuse that keep the recorded change smallest for the target. Wire "
+                "key_steps into Encoder Feature Propagation's custom_key_steps (key_steps = custom) and schedule into "
+                "Attention Map Reuse's custom_schedule (strategy = custom), and sample with the same sampler, "
+                "scheduler and steps."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model as loaded (before the reuse nodes)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Combo.Input(
+                    "target_kind",
+                    options=list(TARGET_KINDS),
+                    default="reuse_steps",
+                    tooltip="reuse_steps: target = how many steps reuse (for both methods). speedup: target = the "
+                    "speed-up to reach; each method converts it with its reuse cost below.",
+                ),
+                io.Float.Input("target", default=10.0, min=0.0, max=10000.0, step=0.05),
+                io.Float.Input(
+                    "encoder_reuse_cost",
+                    default=ENCODER_REUSE_COST,
+                    min=0.0,
+                    max=0.99,
+                    step=0.01,
+                    tooltip="speedup only: time of an Encoder Feature Propagation decoder-only step over a full step "
+                    "(0.66 measured on SD1.5).",
+                ),
+                io.Float.Input(
+                    "attention_reuse_cost",
+                    default=ATTENTION_REUSE_COST,
+                    min=0.0,
+                    max=0.99,
+                    step=0.01,
+                    tooltip="speedup only: time of an Attention Map Reuse step over a full step (0.8 measured for "
+                    "output mode on SD1.5 at 512x512).",
+                ),
+                io.Combo.Input(
+                    "attention_mode",
+                    options=["output", "map"],
+                    default="output",
+                    tooltip="The mode you will use in Attention Map Reuse: output fits the schedule to the change "
+                    "of the attention outputs, map to the change of the attention maps.",
+                ),
+                io.Float.Input(
+                    "encoder_fraction",
+                    default=round(DIT_PAPER_ENCODER_FRACTION, 3),
+                    min=0.05,
+                    max=0.95,
+                    step=0.01,
+                    tooltip="Transformers only: as in Encoder Feature Propagation (use the same value).",
+                ),
+            ],
+            outputs=[
+                io.String.Output(display_name="key_steps", tooltip="For Encoder Feature Propagation custom_key_steps."),
+                io.String.Output(display_name="schedule", tooltip="For Attention Map Reuse custom_schedule."),
+                io.String.Output(display_name="report", tooltip="Both schedules and what they were fitted to."),
+                io.Latent.Output(display_name="latent", tooltip="The full-compute result of the calibration run."),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        seed: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        positive,
+        negative,
+        latent_image,
+        target_kind: str,
+        target: float,
+        encoder_reuse_cost: float,
+        attention_reuse_cost: float,
+        attention_mode: str,
+        encoder_fraction: float = DIT_PAPER_ENCODER_FRACTION,
+    ) -> io.NodeOutput:
+        import comfy.sample
+        import comfy.utils
+
+        budget = budget_of(target_kind, target)
+        if attention_mode not in ("output", "map"):
+            raise ValueError(f"attention_mode: choose output or map, got {attention_mode!r}")
+        if not 0.0 < encoder_fraction < 1.0:
+            raise ValueError(f"encoder_fraction: must lie strictly between 0 and 1, got {encoder_fraction!r}")
+        session = CalibrationSession(encoder_fraction)
+        patched = recording_clone(model, session)
+        # The KSampler path (nodes.common_ksampler), without its preview callback.
+        latent = latent_image["samples"]
+        latent = comfy.sample.fix_empty_latent_channels(patched, latent)
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        samples = comfy.sample.sample(
+            patched,
+            noise,
+            steps,
+            cfg,
+            sampler_name,
+            scheduler,
+            positive,
+            negative,
+            latent,
+            denoise=1.0,
+            noise_mask=latent_image.get("noise_mask"),
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+            seed=seed,
+        )
+        if len(session.runs) != 1:
+            raise RuntimeError(f"Reuse Calibrate: expected one sampler run, saw {len(session.runs)}")
+        run = session.runs[0]
+        log_run(run)
+        kind = ATTENTION_OUTPUT if attention_mode == "output" else ATTENTION_MAP
+        attention_names = [n for n in run.attention.names() if n[0] == kind]
+        if attention_names:
+            attention_drift = run.attention.drift(run.steps, attention_names)
+        else:  # no attention call went through ComfyUI's optimized attention: fall back to the encoder's drift
+            attention_drift = run.encoder.drift(run.steps)
+        # Weighted by the sigma step: the same drift costs more where the sampler moves further (on the built-in
+        # model this gains 2-11 dB over unweighted drift; docs/benchmarks.md).
+        result = calibrate(
+            run.encoder.drift(run.steps),
+            attention_drift,
+            budget,
+            encoder_reuse_cost,
+            attention_reuse_cost,
+            weights=sigma_step_weights(run.sigmas),
+        )
+        notes = [f"sampler {sampler_name}, scheduler {scheduler}, seed {seed}, target {target_kind} {target:g}"]
+        if run.features_stand_in:
+            notes.append("Encoder Feature Propagation cannot split this model: key steps fitted to the prediction")
+        if not attention_names:
+            notes.append("no attention call was recorded: the schedule is fitted to the encoder's change")
+        report = result.report() + "\n" + "\n".join(notes)
+        logging.info("Reuse Calibrate: " + report.replace("\n", "; "))
+        out = latent_image.copy()
+        out["samples"] = samples
+        return io.NodeOutput(result.key_steps_text, str(result.attention), report, out)
