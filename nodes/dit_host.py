@@ -217,6 +217,9 @@ class _SplitLayer:
             return self.layer(*args, **kwargs)
         return split_pass.block(self.index, lambda: self.layer(*args, **kwargs), lambda: args[0])
 
+    def __getattr__(self, name):  # code that iterates the list for other reasons sees the block's attributes
+        return getattr(self.layer, name)
+
 
 class SplitLayerList(torch.nn.ModuleList):
     """An object patch for a block list without ComfyUI block replacement: the same blocks under the same names

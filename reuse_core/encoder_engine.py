@@ -119,6 +119,8 @@ def tile_batch(value: torch.Tensor, n: int) -> torch.Tensor:
 
 def tile_rows(value: Any, n: int, rows: int) -> Any:
     """``value`` tiled ``n`` times if it is batch-first with ``rows`` rows (inside plain lists/tuples too)."""
+    if n == 1:
+        return value
     if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
         return tile_batch(value, n)
     if type(value) in (list, tuple):
