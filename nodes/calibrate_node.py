@@ -17,6 +17,7 @@ from comfy_api.latest import io
 from ..reuse_core.calibration import Budget, calibrate, sigma_step_weights
 from ..reuse_core.encoder_engine import DIT_PAPER_ENCODER_FRACTION
 from .calibrate_hooks import ATTENTION_MAP, ATTENTION_OUTPUT, CalibrationSession, log_run, recording_clone
+from .encoder_node import encoder_fraction_input
 
 TARGET_KINDS = ("reuse_steps", "speedup")
 # Measured on the full-size SD1.5 U-Net in ComfyUI on CPU (docs/benchmarks.md): a decoder-only step of Encoder
@@ -98,14 +99,7 @@ class ReuseCalibrate(io.ComfyNode):
                     tooltip="The mode you will use in Attention Map Reuse: output fits the schedule to the change "
                     "of the attention outputs, map to the change of the attention maps.",
                 ),
-                io.Float.Input(
-                    "encoder_fraction",
-                    default=round(DIT_PAPER_ENCODER_FRACTION, 3),
-                    min=0.05,
-                    max=0.95,
-                    step=0.01,
-                    tooltip="Transformers only: as in Encoder Feature Propagation (use the same value).",
-                ),
+                encoder_fraction_input("Transformers only: as in Encoder Feature Propagation (use the same value)."),
             ],
             outputs=[
                 io.String.Output(display_name="key_steps", tooltip="For Encoder Feature Propagation custom_key_steps."),

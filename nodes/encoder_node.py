@@ -13,6 +13,18 @@ from ..reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjec
 from .encoder_hooks import apply_encoder_propagation
 
 
+def encoder_fraction_input(tooltip: str) -> io.Float.Input:
+    """The transformer split, an input of this node and of Reuse Calibrate (which must use the same value)."""
+    return io.Float.Input(
+        "encoder_fraction",
+        default=round(DIT_PAPER_ENCODER_FRACTION, 3),
+        min=0.05,
+        max=0.95,
+        step=0.01,
+        tooltip=tooltip,
+    )
+
+
 class EncoderFeaturePropagation(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -104,15 +116,10 @@ class EncoderFeaturePropagation(io.ComfyNode):
                     step=0.01,
                     tooltip="Reuse ends at this point of the denoising process; later steps run the whole model.",
                 ),
-                io.Float.Input(
-                    "encoder_fraction",
-                    default=round(DIT_PAPER_ENCODER_FRACTION, 3),
-                    min=0.05,
-                    max=0.95,
-                    step=0.01,
-                    tooltip="Transformers only: the share of the blocks, in execution order, that form the encoder "
+                encoder_fraction_input(
+                    "Transformers only: the share of the blocks, in execution order, that form the encoder "
                     "(rounded, at least one block on each side; Flux counts double then single blocks). The DiT "
-                    "paper's 18 of 28 = 0.643. Lower: faster decoder-only steps, further from the full model.",
+                    "paper's 18 of 28 = 0.643. Lower: faster decoder-only steps, further from the full model."
                 ),
                 # Appended last: saved workflows list widget values by position.
                 io.Float.Input(

@@ -14,7 +14,7 @@ import torch
 
 from .builtin_dit import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_builtin_dit
 from .digit_classifier import load_classifier
-from .evaluate_model import SEED_BASE
+from .evaluate_model import SEED_BASE, accuracy_record
 from .sampling_dit import DiTSampleSpec, sample_dit
 
 
@@ -24,15 +24,7 @@ def class_accuracy(
     labels = tuple(c for _ in range(per_class) for c in range(10))
     seeds = tuple(seed_base + i for i in range(len(labels)))
     predicted = classifier.predict(sample_dit(model, DiTSampleSpec(labels, seeds, steps, guidance)))
-    hits = predicted == torch.tensor(labels)
-    per = {c: float(hits[torch.tensor(labels) == c].float().mean()) for c in range(10)}
-    return {
-        "steps": steps,
-        "guidance": guidance,
-        "images": len(labels),
-        "accuracy": float(hits.float().mean()),
-        "per_class": per,
-    }
+    return accuracy_record(predicted, labels, steps, guidance)
 
 
 def main(argv=None) -> None:

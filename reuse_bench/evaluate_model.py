@@ -28,7 +28,12 @@ def class_accuracy(
         chunk = tuple(labels[start : start + batch])
         seeds = tuple(SEED_BASE + start + i for i in range(len(chunk)))
         predicted += classifier.predict(sample(model, SampleSpec(chunk, seeds, steps, guidance))).tolist()
-    hits = torch.tensor(predicted) == torch.tensor(labels)
+    return accuracy_record(torch.tensor(predicted), labels, steps, guidance)
+
+
+def accuracy_record(predicted: torch.Tensor, labels, steps: int, guidance: float) -> dict:
+    """How often the classifier's ``predicted`` digits are the requested ``labels``, overall and per class."""
+    hits = predicted == torch.tensor(labels)
     per = {c: float(hits[torch.tensor(labels) == c].float().mean()) for c in range(10)}
     return {
         "steps": steps,

@@ -26,6 +26,27 @@ from .builtin_model import BuiltinModel
 from .sampling import StepPredictor
 
 
+def install_attention_reuse(
+    module, config: AttentionReuseConfig, schedule: ReuseSchedule, steps: int
+) -> DiffusersAttentionReuse:
+    """Attention reuse on ``module`` (a U-Net or a transformer) for one sampling run of ``steps`` steps."""
+    if steps != schedule.steps:
+        raise ValueError(f"schedule has {schedule.steps} steps, run has {steps}")
+    return DiffusersAttentionReuse(module, config, schedule).install()
+
+
+def remove_attention_reuse(adapter: DiffusersAttentionReuse) -> tuple[str, int]:
+    """Remove ``adapter`` at the end of its run: (the table's note, the cache's peak bytes)."""
+    stats = adapter.run.stats
+    total = stats.reused + stats.stored + stats.computed + stats.fresh + stats.untargeted + stats.fallbacks
+    note = f"attention calls reused {stats.reused}/{total}"
+    if stats.fallbacks or stats.refused:
+        note += f" (fallbacks {stats.fallbacks}, refused {stats.refused})"
+    peak = adapter.run.cache.peak_bytes
+    adapter.remove()
+    return note, peak
+
+
 class AttentionReusePredictor(StepPredictor):
     def __init__(self, model: BuiltinModel, config: AttentionReuseConfig, schedule: ReuseSchedule):
         super().__init__(model)
@@ -35,22 +56,14 @@ class AttentionReusePredictor(StepPredictor):
         self.cache_bytes = 0
 
     def begin(self, timesteps):
-        if len(timesteps) != self.schedule.steps:
-            raise ValueError(f"schedule has {self.schedule.steps} steps, run has {len(timesteps)}")
-        self.adapter = DiffusersAttentionReuse(self.model.unet, self.config, self.schedule).install()
+        self.adapter = install_attention_reuse(self.model.unet, self.config, self.schedule, len(timesteps))
 
     def predict(self, step, x, t, context):
         self.adapter.set_step(step)
         return super().predict(step, x, t, context)
 
     def end(self):
-        stats = self.adapter.run.stats
-        total = stats.reused + stats.stored + stats.computed + stats.fresh + stats.untargeted + stats.fallbacks
-        self.note = f"attention calls reused {stats.reused}/{total}"
-        if stats.fallbacks or stats.refused:
-            self.note += f" (fallbacks {stats.fallbacks}, refused {stats.refused})"
-        self.cache_bytes = self.adapter.run.cache.peak_bytes
-        self.adapter.remove()
+        self.note, self.cache_bytes = remove_attention_reuse(self.adapter)
 
 
 class EncoderPropagationPredictor(StepPredictor):

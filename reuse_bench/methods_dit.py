@@ -21,7 +21,7 @@ from reuse_core.schedules import ReuseSchedule
 from reuse_core.steps import StepMatch
 
 from .builtin_dit import BuiltinDiT, pack, position_ids, unpack
-from .methods import Method, attention_config
+from .methods import Method, attention_config, install_attention_reuse, remove_attention_reuse
 from .sampling_dit import DiTPredictor
 
 MODEL = "DiT"
@@ -78,22 +78,14 @@ class AttentionReuseDiTPredictor(DiTPredictor):
         self.cache_bytes = 0
 
     def begin(self, sigmas):
-        if len(sigmas) - 1 != self.schedule.steps:
-            raise ValueError(f"schedule has {self.schedule.steps} steps, run has {len(sigmas) - 1}")
-        self.adapter = DiffusersAttentionReuse(self.model.transformer, self.config, self.schedule).install()
+        self.adapter = install_attention_reuse(self.model.transformer, self.config, self.schedule, len(sigmas) - 1)
 
     def predict(self, step, x, sigma, text, pooled):
         self.adapter.set_step(step)
         return super().predict(step, x, sigma, text, pooled)
 
     def end(self):
-        stats = self.adapter.run.stats
-        total = stats.reused + stats.stored + stats.computed + stats.fresh + stats.untargeted + stats.fallbacks
-        self.note = f"attention calls reused {stats.reused}/{total}"
-        if stats.fallbacks or stats.refused:
-            self.note += f" (fallbacks {stats.fallbacks}, refused {stats.refused})"
-        self.cache_bytes = self.adapter.run.cache.peak_bytes
-        self.adapter.remove()
+        self.note, self.cache_bytes = remove_attention_reuse(self.adapter)
 
 
 class _CountingProcessor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .builtin_dit import DEFAULT_GUIDANCE, DEFAULT_STEPS, NULL_CLASS, BuiltinDiT, flow_sigmas, initial_noise
+from .sampling import SampleSpec
 
 
 class DiTPredictor:
@@ -35,17 +36,11 @@ class DiTPredictor:
 
 
 @dataclass(frozen=True)
-class DiTSampleSpec:
-    labels: tuple[int, ...]
-    seeds: tuple[int, ...]
+class DiTSampleSpec(SampleSpec):
+    """``SampleSpec`` with the DiT's default step count and guidance."""
+
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
-
-    def __post_init__(self):
-        if len(self.labels) != len(self.seeds):
-            raise ValueError(f"labels and seeds: need one seed per label, got {len(self.labels)} and {len(self.seeds)}")
-        if self.steps < 1:
-            raise ValueError(f"steps: must be >= 1, got {self.steps}")
 
 
 @torch.no_grad()

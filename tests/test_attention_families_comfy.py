@@ -25,22 +25,11 @@ def node(comfy):
 
 @pytest.fixture(scope="module")
 def reference(comfy):
-    """Per family: the tiny model and its unpatched output (built once per module)."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            dit = tiny_dits.build(name)
-            cache[name] = dit, run(dit, dit.patcher)
-        return cache[name]
-
-    return get
+    return tiny_dits.References(STEPS)
 
 
 def run(dit, model):
-    return h.sample(
-        model, steps=STEPS, cfg=3.0, latent=dit.latent.clone(), positive=dit.positive, negative=dit.negative
-    )
+    return tiny_dits.sample(dit, model, STEPS)
 
 
 def patched(node, model, **overrides):

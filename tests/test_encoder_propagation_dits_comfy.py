@@ -47,23 +47,13 @@ def node(comfy):
 
 @pytest.fixture(scope="module")
 def reference(comfy):
-    """Per family: the tiny model and its unpatched output (built once per module)."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            dit = tiny_dits.build(name)
-            cache[name] = dit, run(dit, dit.patcher)
-        return cache[name]
-
-    yield get
-    cache.clear()
+    references = tiny_dits.References(STEPS)
+    yield references
+    references.cache.clear()
 
 
-def run(dit, model, steps=STEPS):
-    return h.sample(
-        model, steps=steps, cfg=3.0, latent=dit.latent.clone(), positive=dit.positive, negative=dit.negative
-    )
+def run(dit, model):
+    return tiny_dits.sample(dit, model, STEPS)
 
 
 def rel_diff(a, b):
@@ -109,17 +99,7 @@ def test_other_samplers_parallel_equals_sequential(comfy, node, runs, sampler):
     outs = []
     for parallel in (True, False):
         model = patched(node, dit.patcher, key_steps="uniform", uniform_k=3, parallel_decoding=parallel)
-        outs.append(
-            h.sample(
-                model,
-                steps=STEPS,
-                cfg=3.0,
-                sampler=sampler,
-                latent=dit.latent.clone(),
-                positive=dit.positive,
-                negative=dit.negative,
-            )
-        )
+        outs.append(tiny_dits.sample(dit, model, STEPS, sampler=sampler))
         assert runs.last(ENCODER).encoder_passes_saved > 0
     assert torch.isfinite(outs[0]).all()
     assert rel_diff(outs[0], outs[1]) <= 1e-4

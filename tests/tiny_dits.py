@@ -725,3 +725,24 @@ REFUSED = {
 def build(name: str, seed: int = 0) -> TinyDiT:
     family = FAMILIES.get(name) or REFUSED[name]
     return family.build(seed)
+
+
+def sample(dit: TinyDiT, model, steps: int = 6, **kwargs) -> torch.Tensor:
+    """``model`` (``dit``'s patcher or a patched clone) sampled on ``dit``'s latent and conditioning, cfg 3."""
+    return h.sample(
+        model, steps=steps, cfg=3.0, latent=dit.latent.clone(), positive=dit.positive, negative=dit.negative, **kwargs
+    )
+
+
+class References:
+    """Per family: the tiny model and its unpatched output, built on first use (a test module's fixture)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.cache: dict[str, tuple[TinyDiT, torch.Tensor]] = {}
+
+    def __call__(self, name: str) -> tuple[TinyDiT, torch.Tensor]:
+        if name not in self.cache:
+            dit = build(name)
+            self.cache[name] = dit, sample(dit, dit.patcher, self.steps)
+        return self.cache[name]
