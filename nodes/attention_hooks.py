@@ -15,11 +15,11 @@ How a sampler run flows through it:
   forward (ControlNet's own forward, a bare ``apply_model`` call) passes through untouched.
 * ``transformer_options["optimized_attention_override"]`` (``attention_override``): every attention call of
   the diffusion model. Inside a forward it hands the call to the engine with a layer key (below), else it
-  passes through. A previously installed override is chained: the engine's "fused" path calls it. An override
-  installed after ours (ComfyUI's ``ModelAttentionBackend`` replaces the slot) is chained at the start of each
-  run instead of silently dropping ours. q/k/v that ComfyUI packs in ``AttentionTensorContainer``s reach us as
-  tensors (we define no ``container_function``); grouped-query attention (``enable_gqa``, fewer K/V heads than
-  Q heads) is expanded to the query heads only where a map or output is kept or reused.
+  passes through. Another node's override, installed before or after ours, is chained
+  (``comfy_steps.chain_attention_override``): the engine's "fused" path calls it. q/k/v that ComfyUI packs in
+  ``AttentionTensorContainer``s reach us as tensors (we define no ``container_function``); grouped-query
+  attention (``enable_gqa``, fewer K/V heads than Q heads) is expanded to the query heads only where a map or
+  output is kept or reused.
 
 Layer keys: on a U-Net (the attention call carries ``block``/``block_index``) a layer is
 ``(block, block_index, position within that transformer block)``, so a decoder layer keeps its key at Encoder
@@ -56,6 +56,8 @@ from ..reuse_core.schedules import ReuseSchedule, ScheduleSpec
 from .comfy_steps import (
     DECODER_STEPS_KEY,
     ENCODER_SKIPPED_KEY,
+    chain_attention_override,
+    holds_pack_override,
     sigmas_of_sample,
     step_of_call,
     transformer_options_of,
@@ -224,7 +226,6 @@ def make_attention_override(previous=None):
             mask=mask,
         )
 
-    attention_override.comfyui_reuse_previous = previous
     return attention_override
 
 
@@ -236,18 +237,6 @@ def _with_rows(args: tuple, kwargs: dict, q, k, v, mask) -> tuple[tuple, dict]:
     elif kwargs.get("mask") is not None:
         kwargs = {**kwargs, "mask": mask}
     return args, kwargs
-
-
-def is_ours(override) -> bool:
-    return hasattr(override, "comfyui_reuse_previous")
-
-
-def install_override(transformer_options: dict) -> None:
-    """Install the override, chaining whatever was there (replacing an earlier copy of ours)."""
-    previous = transformer_options.get("optimized_attention_override")
-    if previous is not None and is_ours(previous):
-        previous = previous.comfyui_reuse_previous
-    transformer_options["optimized_attention_override"] = make_attention_override(previous)
 
 
 def apply_model_wrapper(executor, *args, **kwargs):
@@ -289,10 +278,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
                 f"attention {patch.config.targets}"
             )
         runs = options[RUN_STATE_KEY] = AttentionRuns(patch.config, resolved.schedule)
-        if not is_ours(options.get("optimized_attention_override")):
-            # A node applied after ours replaced the override slot (e.g. ModelAttentionBackend): chain its
-            # override under ours for this run rather than silently reusing nothing.
-            install_override(options)
+        if not holds_pack_override(options):
+            chain_attention_override(options, make_attention_override)
         return executor(*args, **kwargs)
     finally:
         if runs is not None:
@@ -318,7 +305,7 @@ def apply_attention_reuse(model, config: AttentionReuseConfig, spec: ScheduleSpe
     patched = model.clone()
     options = patched.model_options.setdefault("transformer_options", {})
     options[OPTIONS_KEY] = ReusePatch(config, spec, verbose)
-    install_override(options)
+    chain_attention_override(options, make_attention_override)
     for kind, wrapper in (
         (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
         (comfy.patcher_extension.WrappersMP.APPLY_MODEL, apply_model_wrapper),

@@ -12,7 +12,8 @@ The node samples a clone of the user's model carrying three additions, all remov
   sampler works. On models Encoder Feature Propagation cannot split, the prediction stands in for the features.
 * ``optimized_attention_override`` (``make_recording_override``): every attention call of an exact step's forward
   records a subsample of its output and of its map for a few query rows (``reuse_core.calibration.attention_probe``),
-  keyed by its ordinal in the forward and the call's cond chunk. A previously installed override is chained.
+  keyed by its ordinal in the forward and the call's cond chunk. Another node's override is chained
+  (``comfy_steps.chain_attention_override``).
 
 Nothing changes what the model computes: the result is the unpatched model's output.
 """
@@ -24,7 +25,14 @@ from dataclasses import dataclass, field
 
 from ..reuse_core.attention_math import kv_to_heads, to_heads
 from ..reuse_core.calibration import ChangeRecorder, attention_probe
-from .comfy_steps import sigmas_of_sample, step_of_call, transformer_options_of, with_transformer_options
+from .comfy_steps import (
+    chain_attention_override,
+    holds_pack_override,
+    sigmas_of_sample,
+    step_of_call,
+    transformer_options_of,
+    with_transformer_options,
+)
 from .dit_host import BlockSplit, ComfyDiTHost, object_patches
 from .encoder_hooks import unsupported_reason
 from .unet_decoder import ComfyUNetHost, bind_unet_call, is_unet
@@ -92,7 +100,6 @@ def make_recording_override(previous=None):
         run.attention.record(forward.step, (ATTENTION_MAP, *key), attention_probe(q, k))
         return out
 
-    override.comfyui_reuse_previous = previous
     return override
 
 
@@ -112,9 +119,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     options = guider.model_options.setdefault("transformer_options", {})
     options[RUN_STATE_KEY] = run
-    previous = options.get("optimized_attention_override")
-    if not hasattr(previous, "comfyui_reuse_previous"):  # a node applied after ours took the slot: chain it
-        options["optimized_attention_override"] = make_recording_override(previous)
+    if not holds_pack_override(options):
+        chain_attention_override(options, make_recording_override)
     try:
         return executor(*args, **kwargs)
     finally:
@@ -176,7 +182,7 @@ def recording_clone(model, session: CalibrationSession):
             patched.add_object_patch(name, patch)
     options = patched.model_options.setdefault("transformer_options", {})
     options[WRAPPER_KEY] = session
-    options["optimized_attention_override"] = make_recording_override(options.get("optimized_attention_override"))
+    chain_attention_override(options, make_recording_override)
     for wrapper_type, wrapper in (
         (wrappers.OUTER_SAMPLE, outer_sample_wrapper),
         (wrappers.DIFFUSION_MODEL, diffusion_model_wrapper),

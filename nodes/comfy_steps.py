@@ -1,4 +1,5 @@
-"""Shared ComfyUI glue: find ``transformer_options`` in a wrapper's arguments, and the step of a call."""
+"""Shared ComfyUI glue: find ``transformer_options`` in a wrapper's arguments, the step of a call, and the pack's
+place in the ``optimized_attention_override`` slot."""
 
 from __future__ import annotations
 
@@ -57,3 +58,25 @@ def step_of_call(transformer_options: dict) -> StepMatch | None:
     if sigmas is None or sample_sigmas is None:
         return None
     return match_step(sigmas, sample_sigmas)
+
+
+OVERRIDE_SLOT = "optimized_attention_override"
+_PREVIOUS = "comfyui_reuse_previous"  # set on the pack's overrides: the override each one chains
+
+
+def chain_attention_override(transformer_options: dict, make_override) -> None:
+    """Put ``make_override(previous)`` in the override slot, ``previous`` being another node's override (called from
+    ours, never dropped) or None; an earlier override of this pack is replaced, not stacked.
+
+    Called when the node patches the model and again at the start of each run: a node applied after ours (e.g.
+    ComfyUI's ModelAttentionBackend) replaces the slot, and its override is then chained under ours for the run."""
+    previous = transformer_options.get(OVERRIDE_SLOT)
+    if hasattr(previous, _PREVIOUS):
+        previous = getattr(previous, _PREVIOUS)
+    override = make_override(previous)
+    setattr(override, _PREVIOUS, previous)
+    transformer_options[OVERRIDE_SLOT] = override
+
+
+def holds_pack_override(transformer_options: dict) -> bool:
+    return hasattr(transformer_options.get(OVERRIDE_SLOT), _PREVIOUS)

@@ -65,6 +65,23 @@ def test_calibration_is_the_full_run_has_the_budget_and_is_deterministic(nodes, 
     assert again[:3] == (keys, schedule, report)
 
 
+def test_another_nodes_attention_override_is_chained(nodes, models):
+    positive, negative, latent = inputs_for("sd15")
+    calls = []
+
+    def other(func, *args, **kwargs):  # e.g. ComfyUI's ModelAttentionBackend, installed before the calibration
+        calls.append(1)
+        return func(*args, **kwargs)
+
+    model = models["sd15"].clone()
+    model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = other
+    _, _, report, out = calibrate(nodes["ReuseCalibrate"], model, positive, negative, latent)
+    assert calls, "the other node's override was dropped"
+    assert "no attention call was recorded" not in report
+    assert model.model_options["transformer_options"]["optimized_attention_override"] is other
+    assert torch.equal(out["samples"], sample(models["sd15"], positive, negative, latent))
+
+
 def test_speedup_target_and_attention_mode_change_the_budget(nodes, models):
     positive, negative, latent = inputs_for("sd15")
     node = nodes["ReuseCalibrate"]
