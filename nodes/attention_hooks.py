@@ -2,10 +2,10 @@
 
 How a sampler run flows through it:
 
-* ``OUTER_SAMPLE`` (``outer_sample_wrapper``): swaps the guider's ``model_options`` for a nested copy (the
-  EasyCache pattern), resolves the schedule against the run's real step count ``len(sigmas) - 1`` and puts
-  the run state (``AttentionRuns``: one engine run per device) in the copy's ``transformer_options``; in
-  ``finally`` logs the summary line, drops the maps and restores the options.
+* ``OUTER_SAMPLE`` (``outer_sample_wrapper``, bound to the node's settings, ``ReusePatch``): swaps the guider's
+  ``model_options`` for a nested copy (the EasyCache pattern), resolves the schedule against the run's real step
+  count ``len(sigmas) - 1`` and puts the run state (``AttentionRuns``: one engine run per device) in the copy's
+  ``transformer_options``; in ``finally`` logs the summary line, drops the maps and restores the options.
 * ``APPLY_MODEL`` (``apply_model_wrapper``): one model forward (one batch chunk). Hands the forward a shallow
   copy of ``transformer_options`` holding its own ``ForwardContext`` (``FORWARD_KEY``): the step of the call by
   sigma (``nodes.comfy_steps``), the chunk key (device, cond/uncond order, cond UUIDs) and the call counters.
@@ -64,7 +64,6 @@ from .comfy_steps import (
     with_transformer_options,
 )
 
-OPTIONS_KEY = "comfyui_reuse.attention"
 WRAPPER_KEY = "comfyui_reuse.attention"
 RUN_STATE_KEY = "comfyui_reuse.attention.run"
 FORWARD_KEY = "comfyui_reuse.attention.forward"
@@ -110,7 +109,7 @@ def supported_family(diffusion_model) -> str | None:
 
 @dataclass(frozen=True)
 class ReusePatch:
-    """Node-time settings, in the patched model's ``transformer_options`` (``OPTIONS_KEY``)."""
+    """Node-time settings, bound into the patched model's ``OUTER_SAMPLE`` wrapper."""
 
     config: AttentionReuseConfig
     spec: ScheduleSpec
@@ -254,19 +253,12 @@ def apply_model_wrapper(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
-def outer_sample_wrapper(executor, *args, **kwargs):
-    import comfy.model_patcher
+def make_outer_sample_wrapper(patch: ReusePatch):
+    def outer_sample_wrapper(executor, *args, **kwargs):
+        import comfy.model_patcher
 
-    guider = executor.class_obj
-    original_options = guider.model_options
-    runs = None
-    start = time.perf_counter()
-    try:
-        guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-        options = guider.model_options["transformer_options"]
-        patch: ReusePatch | None = options.get(OPTIONS_KEY)
         sigmas = sigmas_of_sample(args, kwargs)
-        if patch is None or len(sigmas) < 2:
+        if len(sigmas) < 2:
             return executor(*args, **kwargs)
         resolved = patch.spec.resolve(len(sigmas) - 1)
         if resolved.note:
@@ -277,16 +269,23 @@ def outer_sample_wrapper(executor, *args, **kwargs):
                 f"{resolved.schedule} (1 = compute), mode {patch.config.mode}, "
                 f"attention {patch.config.targets}"
             )
+        guider = executor.class_obj
+        original_options = guider.model_options
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+        options = guider.model_options.setdefault("transformer_options", {})
         runs = options[RUN_STATE_KEY] = AttentionRuns(patch.config, resolved.schedule)
         if not holds_pack_override(options):
             chain_attention_override(options, make_attention_override)
-        return executor(*args, **kwargs)
-    finally:
-        if runs is not None:
+        start = time.perf_counter()
+        try:
+            return executor(*args, **kwargs)
+        finally:
             for line in runs.summaries(time.perf_counter() - start):
                 logging.info(line)
             runs.reset()
-        guider.model_options = original_options
+            guider.model_options = original_options
+
+    return outer_sample_wrapper
 
 
 def apply_attention_reuse(model, config: AttentionReuseConfig, spec: ScheduleSpec, verbose: bool = False):
@@ -303,13 +302,12 @@ def apply_attention_reuse(model, config: AttentionReuseConfig, spec: ScheduleSpe
             f"{', '.join(sorted(set(SUPPORTED_DIFFUSION_MODELS.values())))}."
         )
     patched = model.clone()
-    options = patched.model_options.setdefault("transformer_options", {})
-    options[OPTIONS_KEY] = ReusePatch(config, spec, verbose)
-    chain_attention_override(options, make_attention_override)
-    for kind, wrapper in (
-        (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, outer_sample_wrapper),
-        (comfy.patcher_extension.WrappersMP.APPLY_MODEL, apply_model_wrapper),
-    ):
-        patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
-        patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
+    chain_attention_override(patched.model_options.setdefault("transformer_options", {}), make_attention_override)
+    wrappers = comfy.patcher_extension.WrappersMP
+    for wrapper_type in (wrappers.OUTER_SAMPLE, wrappers.APPLY_MODEL):
+        patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    patched.add_wrapper_with_key(
+        wrappers.OUTER_SAMPLE, WRAPPER_KEY, make_outer_sample_wrapper(ReusePatch(config, spec, verbose))
+    )
+    patched.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
     return patched

@@ -2,9 +2,9 @@
 
 The node samples a clone of the user's model carrying three additions, all removed with the clone:
 
-* ``OUTER_SAMPLE`` (``outer_sample_wrapper``): makes the run's ``CalibrationRun`` (two ``ChangeRecorder``s sized by
-  the run's sigmas) in a copy of the guider's ``model_options`` and hands it to the node's ``CalibrationSession`` in
-  ``finally``.
+* ``OUTER_SAMPLE`` (``outer_sample_wrapper``, bound to the node's ``CalibrationSession``): makes the run's
+  ``CalibrationRun`` (two ``ChangeRecorder``s sized by the run's sigmas) in a copy of the guider's ``model_options``
+  and hands it to the session in ``finally``.
 * ``DIFFUSION_MODEL`` (``diffusion_model_wrapper``): at the exact call of each step it runs the model's own forward
   with Encoder Feature Propagation's capture (``unet_decoder.ComfyUNetHost``: skips and middle output;
   ``dit_host.ComfyDiTHost``: the state after the encoder blocks) and records the encoder features. Calls between
@@ -103,29 +103,31 @@ def make_recording_override(previous=None):
     return override
 
 
-def outer_sample_wrapper(executor, *args, **kwargs):
-    import comfy.model_patcher
+def make_outer_sample_wrapper(session: CalibrationSession):
+    def outer_sample_wrapper(executor, *args, **kwargs):
+        import comfy.model_patcher
 
-    guider = executor.class_obj
-    session: CalibrationSession | None = guider.model_options.get("transformer_options", {}).get(WRAPPER_KEY)
-    sigmas = sigmas_of_sample(args, kwargs)
-    if session is None or len(sigmas) < 2:
-        return executor(*args, **kwargs)
-    net = guider.model_patcher.get_model_object("diffusion_model")
-    reason = unsupported_reason(net)
-    split = None if is_unet(net) or reason else BlockSplit.of(net, session.encoder_fraction)
-    run = CalibrationRun(len(sigmas) - 1, [float(s) for s in sigmas], split, features_stand_in=reason is not None)
-    original = guider.model_options
-    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
-    options = guider.model_options.setdefault("transformer_options", {})
-    options[RUN_STATE_KEY] = run
-    if not holds_pack_override(options):
-        chain_attention_override(options, make_recording_override)
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        guider.model_options = original
-        session.runs.append(run)
+        sigmas = sigmas_of_sample(args, kwargs)
+        if len(sigmas) < 2:
+            return executor(*args, **kwargs)
+        guider = executor.class_obj
+        net = guider.model_patcher.get_model_object("diffusion_model")
+        reason = unsupported_reason(net)
+        split = None if is_unet(net) or reason else BlockSplit.of(net, session.encoder_fraction)
+        run = CalibrationRun(len(sigmas) - 1, [float(s) for s in sigmas], split, features_stand_in=reason is not None)
+        original = guider.model_options
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+        options = guider.model_options.setdefault("transformer_options", {})
+        options[RUN_STATE_KEY] = run
+        if not holds_pack_override(options):
+            chain_attention_override(options, make_recording_override)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            guider.model_options = original
+            session.runs.append(run)
+
+    return outer_sample_wrapper
 
 
 def diffusion_model_wrapper(executor, *args, **kwargs):
@@ -168,9 +170,7 @@ def recording_clone(model, session: CalibrationSession):
     from . import attention_hooks, encoder_hooks
 
     wrappers = comfy.patcher_extension.WrappersMP
-    options = model.model_options.get("transformer_options", {})
-    efp_wrappers = model.get_wrappers(wrappers.DIFFUSION_MODEL, encoder_hooks.WRAPPER_KEY)
-    if attention_hooks.OPTIONS_KEY in options or efp_wrappers:
+    if any(model.get_wrappers(wrappers.OUTER_SAMPLE, hooks.WRAPPER_KEY) for hooks in (attention_hooks, encoder_hooks)):
         raise ValueError(
             "model: Reuse Calibrate needs the model before Attention Map Reuse / Encoder Feature Propagation (its run "
             "must compute every step in full); connect the loader's MODEL to it"
@@ -180,15 +180,11 @@ def recording_clone(model, session: CalibrationSession):
     if not is_unet(net) and unsupported_reason(net) is None:
         for name, patch in object_patches(net).items():
             patched.add_object_patch(name, patch)
-    options = patched.model_options.setdefault("transformer_options", {})
-    options[WRAPPER_KEY] = session
-    chain_attention_override(options, make_recording_override)
-    for wrapper_type, wrapper in (
-        (wrappers.OUTER_SAMPLE, outer_sample_wrapper),
-        (wrappers.DIFFUSION_MODEL, diffusion_model_wrapper),
-    ):
+    chain_attention_override(patched.model_options.setdefault("transformer_options", {}), make_recording_override)
+    for wrapper_type in (wrappers.OUTER_SAMPLE, wrappers.DIFFUSION_MODEL):
         patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
-        patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, wrapper)
+    patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, make_outer_sample_wrapper(session))
+    patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
     return patched
 
 
