@@ -1,16 +1,17 @@
 """Calibrated and adaptive schedules against "just use fewer steps": ``python -m reuse_bench.calibration_curves``.
 
-On the built-in MNIST U-Net (DDIM, CFG), against the full-compute output of the same seed (PSNR of the final images
-in [0, 1], mean over the evaluation images):
+On each built-in model (the MNIST U-Net with DDIM, the MNIST DiT with Euler; both with CFG), against the
+full-compute output of the same seed (PSNR of the final images in [0, 1], mean over the evaluation images):
 
-* the fewer-steps curve: DDIM with every step count from ``reference // 4`` to the reference;
+* the fewer-steps curve: the same sampler with every step count from ``reference // 4`` to the reference;
 * per method a curve of settings: Encoder Feature Propagation (sequential, no noise injection, so that every
   difference from the reference is the reuse) with its presets, calibrated key steps for several budgets and
   adaptive key steps for several thresholds; Attention Map Reuse (output mode) with HURRY, the PHAST preset and
   calibrated schedules for several reuse counts;
-* per method the best PSNR gain over fewer steps at equal cost (the fewer-steps curve interpolated linearly in cost);
-* calibrated against PHAST's exhaustive search (``assets/phast_schedules.json``) at 20 steps / 10 reuse in both
-  attention modes: PSNR, and cost in sampling runs.
+* per model and method the best PSNR gain over fewer steps at equal cost (the fewer-steps curve interpolated
+  linearly in cost);
+* on the U-Net, calibrated against PHAST's exhaustive search (``assets/phast_schedules.json``) at 20 steps / 10
+  reuse in both attention modes: PSNR, and cost in sampling runs.
 
 Cost: model FLOPs per run, from FLOPs counted once per kind of step (``measure.count_flops`` on one full step, one
 decoder-only step, one attention-reuse step per mode) times how many steps of each kind a setting runs: exact for
@@ -21,7 +22,7 @@ Calibration (``reuse_core.calibration``, drift weighted by the sigma step as the
 full-compute run on the PHAST search's seeds and classes (``phast_search.SEARCH_SEEDS``, disjoint from the evaluation
 seeds), as PHAST itself was searched, so neither sees the images it is scored on.
 
-The built-in DiT (``builtin_dit.py``) is included when its weights load; otherwise the report says why not.
+The DiT is included when its weights load; otherwise the report says why not.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import itertools
 import json
 import math
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,17 +40,23 @@ import torch
 
 from reuse_core.adapters.diffusers_attention import DiffusersAttentionReuse
 from reuse_core.adapters.diffusers_encoder import DiffusersUNetHost
+from reuse_core.adapters.diffusers_transformer import DiffusersFluxHost
+from reuse_core.attention_engine import AttentionReuseConfig
 from reuse_core.calibration import ChangeRecorder, attention_probe, optimal_compute_steps, sigma_step_weights
-from reuse_core.encoder_engine import EncoderPropagationConfig
+from reuse_core.encoder_engine import EncoderPropagationConfig, encoder_block_count
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.metrics import psnr
 from reuse_core.schedules import ReuseSchedule, hurry, parse_bits, phast_preset
 
 from . import phast_search
+from .builtin_dit import WEIGHTS_PATH as DIT_WEIGHTS
+from .builtin_dit import BuiltinDiT, flow_sigmas, load_builtin_dit, pack, position_ids, unpack
 from .builtin_model import NULL_CLASS, BuiltinModel, build_scheduler, load_builtin_model
 from .measure import count_flops, wall_time
 from .methods import AttentionReusePredictor, EncoderPropagationPredictor, attention_config
-from .sampling import DEFAULT_GUIDANCE, SampleSpec, StepPredictor, initial_noise, sample, to_unit_range
+from .methods_dit import AttentionReuseDiTPredictor, EncoderPropagationDiTPredictor, dit_depth
+from .sampling import SampleSpec, StepPredictor, initial_noise, sample, to_unit_range
+from .sampling_dit import DiTPredictor, DiTSampleSpec, sample_dit
 
 OUT_DIR = Path("bench_out")
 
@@ -76,6 +84,7 @@ class CurveSettings:
 
 @dataclass
 class Point:
+    model: str  # Subject.name
     method: str  # "fewer steps", "encoder", "attention"
     kind: str  # fewer, preset, calibrated, adaptive, phast
     label: str
@@ -84,6 +93,23 @@ class Point:
     wall_s: float
     detail: dict = field(default_factory=dict)
     gain_db: float | None = None  # over fewer steps at equal FLOPs
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One built-in model as the curves use it: how it samples, runs each method, records a run and costs a step."""
+
+    name: str  # "U-Net", "DiT"
+    sampler: str  # the fewer-steps baseline's sampler
+    # (labels, seeds, steps, predictor or None = full compute) -> final images in about [-1, 1]
+    sample: Callable[[Sequence[int], Sequence[int], int, object | None], torch.Tensor]
+    plain: Callable[[], object]  # the full-compute predictor
+    encoder: Callable[[EncoderPropagationConfig], object]  # predictors with an ``engine``
+    attention: Callable[[AttentionReuseConfig, ReuseSchedule], object]
+    recorder: Callable[[], object]  # full compute recording ``encoder`` / ``attention`` ChangeRecorders
+    sigmas: Callable[[int], list[float]]  # the run's sigmas in ComfyUI's parameterisation (steps + 1, ending at 0)
+    flops: dict[str, int]  # per kind of step: full, decoder, reuse_map, reuse_output
+    phast: dict = field(default_factory=dict)  # stored PHAST searches on this model (the U-Net only)
 
 
 # Recording one full run --------------------------------------------------------------------------------------------
@@ -104,7 +130,13 @@ class _RecordingRun:
         pass
 
 
-class RecordingPredictor(StepPredictor):
+def recording_adapter(module: torch.nn.Module, steps: int, recorder: ChangeRecorder) -> DiffusersAttentionReuse:
+    adapter = DiffusersAttentionReuse(module, attention_config("output"), hurry(steps, 0))
+    adapter.run = _RecordingRun(recorder)
+    return adapter.install()
+
+
+class UNetRecordingPredictor(StepPredictor):
     """Full compute; records the encoder features (skips + middle) and every attention call of each step."""
 
     def __init__(self, model: BuiltinModel):
@@ -113,9 +145,7 @@ class RecordingPredictor(StepPredictor):
         self.encoder, self.attention = ChangeRecorder(), ChangeRecorder()
 
     def begin(self, timesteps):
-        self.adapter = DiffusersAttentionReuse(self.model.unet, attention_config("output"), hurry(len(timesteps), 0))
-        self.adapter.run = _RecordingRun(self.attention)
-        self.adapter.install()
+        self.adapter = recording_adapter(self.model.unet, len(timesteps), self.attention)
 
     def predict(self, step, x, t, context):
         self.adapter.set_step(step)
@@ -129,73 +159,180 @@ class RecordingPredictor(StepPredictor):
         self.adapter.remove()
 
 
-def record_drift(model: BuiltinModel, steps: int) -> dict[str, list[list[float]]]:
-    spec = SampleSpec(phast_search.SEARCH_LABELS, phast_search.SEARCH_SEEDS, steps, DEFAULT_GUIDANCE)
-    recorder = RecordingPredictor(model)
-    sample(model, spec, recorder)
+def record_drift(subject: Subject, steps: int) -> dict[str, list[list[float]]]:
+    recorder = subject.recorder()
+    subject.sample(phast_search.SEARCH_LABELS, phast_search.SEARCH_SEEDS, steps, recorder)
     names = recorder.attention.names()
-    scheduler = build_scheduler("ddim")
-    scheduler.set_timesteps(steps)
-    alphas = scheduler.alphas_cumprod[scheduler.timesteps]
-    # DDIM in ComfyUI's (VE) sigmas, sqrt((1 - alpha_bar) / alpha_bar), ending at 0 as ComfyUI's sample_sigmas do
-    sigmas = [float(((1 - a) / a).sqrt()) for a in alphas] + [0.0]
     return {
-        "weights": sigma_step_weights(sigmas),
+        "weights": sigma_step_weights(subject.sigmas(steps)),
         "encoder": recorder.encoder.drift(steps),
         "map": recorder.attention.drift(steps, [n for n in names if n[0] == "map"]),
         "output": recorder.attention.drift(steps, [n for n in names if n[0] == "output"]),
     }
 
 
+def ddim_sigmas(steps: int) -> list[float]:
+    """DDIM's timesteps in ComfyUI's (VE) sigmas, sqrt((1 - alpha_bar) / alpha_bar), ending at 0."""
+    scheduler = build_scheduler("ddim")
+    scheduler.set_timesteps(steps)
+    alphas = scheduler.alphas_cumprod[scheduler.timesteps]
+    return [float(((1 - a) / a).sqrt()) for a in alphas] + [0.0]
+
+
 # FLOPs per kind of step ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def step_flops(model: BuiltinModel, rows: int) -> dict[str, int]:
+def reuse_step_flops(module: torch.nn.Module, forward: Callable[[], object]) -> dict[str, int]:
+    """FLOPs of ``forward()`` at an attention reuse step of each mode, after a store step."""
+    flops = {}
+    for mode in ("map", "output"):
+        adapter = DiffusersAttentionReuse(module, attention_config(mode), ReuseSchedule((1, 0))).install()
+        try:
+            adapter.set_step(0)
+            forward()
+            adapter.set_step(1)
+            _, flops[f"reuse_{mode}"] = count_flops(forward)
+        finally:
+            adapter.remove()
+    return flops
+
+
+@torch.no_grad()
+def unet_step_flops(model: BuiltinModel, rows: int) -> dict[str, int]:
     """Model FLOPs of one step of each kind, for a CFG batch of ``rows`` images."""
     x = torch.cat([initial_noise(range(rows))] * 2)
     labels = torch.arange(rows) % 10
     context = model.context(torch.cat([torch.full_like(labels, NULL_CLASS), labels]))
     t = torch.full((2 * rows,), 500)
     host = DiffusersUNetHost(model.unet)
-    _, full = count_flops(lambda: model.unet(x, t, encoder_hidden_states=context).sample)
+
+    def forward():
+        return model.unet(x, t, encoder_hidden_states=context).sample
+
+    _, full = count_flops(forward)
     features = host.encode(x, t, context)
     _, decoder = count_flops(lambda: host.decode(features, t, context))
-    flops = {"full": full, "decoder": decoder}
-    for mode in ("map", "output"):
-        adapter = DiffusersAttentionReuse(model.unet, attention_config(mode), ReuseSchedule((1, 0))).install()
-        try:
-            adapter.set_step(0)
-            model.unet(x, t, encoder_hidden_states=context)
-            adapter.set_step(1)
-            _, flops[f"reuse_{mode}"] = count_flops(lambda: model.unet(x, t, encoder_hidden_states=context).sample)
-        finally:
-            adapter.remove()
-    return flops
+    return {"full": full, "decoder": decoder, **reuse_step_flops(model.unet, forward)}
+
+
+def unet_subject(rows: int) -> Subject:
+    model = load_builtin_model()
+
+    def run(labels, seeds, steps, predictor=None):
+        return sample(model, SampleSpec(tuple(labels), tuple(seeds), steps), predictor)
+
+    return Subject(
+        "U-Net", "DDIM", run,
+        plain=lambda: StepPredictor(model),
+        encoder=lambda config: EncoderPropagationPredictor(model, config),
+        attention=lambda config, schedule: AttentionReusePredictor(model, config, schedule),
+        recorder=lambda: UNetRecordingPredictor(model),
+        sigmas=ddim_sigmas,
+        flops=unet_step_flops(model, rows),
+        phast=phast_search.load_stored(),
+    )  # fmt: skip
+
+
+class DiTRecordingPredictor(DiTPredictor):
+    """Full compute; records the state after the encoder blocks (both streams) and every attention call."""
+
+    def __init__(self, model: BuiltinDiT):
+        super().__init__(model)
+        fraction = EncoderPropagationConfig().encoder_fraction  # the split the curves' encoder runs use
+        self.host = DiffusersFluxHost(model.transformer, encoder_block_count(fraction, dit_depth(model)))
+        self.img_ids, self.txt_ids = position_ids()
+        self.encoder, self.attention = ChangeRecorder(), ChangeRecorder()
+
+    def begin(self, sigmas):
+        self.adapter = recording_adapter(self.model.transformer, len(sigmas) - 1, self.attention)
+
+    def predict(self, step, x, sigma, text, pooled):
+        self.adapter.set_step(step)
+        out, features = self.host.full_forward(
+            pack(x), sigma.expand(x.shape[0]), text, capture=True,
+            pooled_projections=pooled, img_ids=self.img_ids, txt_ids=self.txt_ids,
+        )  # fmt: skip
+        self.encoder.record(step, "middle", features.middle)
+        for name, value in features.streams.items():
+            self.encoder.record(step, ("stream", name), value)
+        return unpack(out)
+
+    def end(self):
+        self.adapter.remove()
+
+
+@torch.no_grad()
+def dit_step_flops(model: BuiltinDiT, rows: int) -> dict[str, int]:
+    """Model FLOPs of one step of each kind, for a CFG batch of ``rows`` images."""
+    x = torch.cat([initial_noise(range(rows))] * 2)
+    labels = torch.arange(rows) % 10
+    text, pooled = model.conds(torch.cat([torch.full_like(labels, NULL_CLASS), labels]))
+    sigma = torch.full((2 * rows,), 0.5)
+    img_ids, txt_ids = position_ids()
+    extra = {"pooled_projections": pooled, "img_ids": img_ids, "txt_ids": txt_ids}
+    host = DiffusersFluxHost(model.transformer, encoder_block_count(EncoderPropagationConfig().encoder_fraction,
+                                                                    dit_depth(model)))  # fmt: skip
+
+    def forward():
+        return model.velocity(x, sigma, text, pooled)
+
+    _, full = count_flops(forward)
+    features = host.encode(pack(x), sigma, text, **extra)
+    _, decoder = count_flops(lambda: host.decode(features, sigma, text, **extra))
+    return {"full": full, "decoder": decoder, **reuse_step_flops(model.transformer, forward)}
+
+
+def dit_subject(rows: int) -> Subject | str:
+    """The built-in DiT's subject, or why it is not available."""
+    if not DIT_WEIGHTS.is_file():
+        return f"not measured: {DIT_WEIGHTS.name} is missing (python -m reuse_bench.train_mnist_dit)"
+    model = load_builtin_dit()
+
+    def run(labels, seeds, steps, predictor=None):
+        return sample_dit(model, DiTSampleSpec(tuple(labels), tuple(seeds), steps), predictor)
+
+    return Subject(
+        "DiT", "Euler", run,
+        plain=lambda: DiTPredictor(model),
+        encoder=lambda config: EncoderPropagationDiTPredictor(model, config),
+        attention=lambda config, schedule: AttentionReuseDiTPredictor(model, config, schedule),
+        recorder=lambda: DiTRecordingPredictor(model),
+        sigmas=lambda steps: flow_sigmas(steps).tolist(),
+        flops=dit_step_flops(model, rows),
+    )  # fmt: skip
 
 
 # Runs -----------------------------------------------------------------------------------------------------------
-class KeyRecordingEncoderPredictor(EncoderPropagationPredictor):
-    def end(self):
-        self.keys = tuple(sorted(self.engine.stats.full_steps))
-        super().end()
+def keys_recorded(predictor):
+    """``predictor`` (an Encoder Feature Propagation predictor) keeping its run's key steps in ``.keys`` at its end."""
+    end = predictor.end
+
+    def end_recording_keys():
+        predictor.keys = tuple(sorted(predictor.engine.stats.full_steps))
+        end()
+
+    predictor.end = end_recording_keys
+    return predictor
 
 
 def encoder_config(spec: KeyStepSpec) -> EncoderPropagationConfig:
     return EncoderPropagationConfig(key_steps=spec, parallel_decoding=False)
 
 
-def evaluate(model, spec: SampleSpec, predictor, reference: torch.Tensor) -> tuple[float, float]:
-    images, wall = wall_time(lambda: sample(model, spec, predictor))
+def evaluate(subject: Subject, settings: CurveSettings, steps: int, predictor, reference) -> tuple[float, float]:
+    images, wall = wall_time(lambda: subject.sample(settings.labels, settings.seeds, steps, predictor))
     img, ref = to_unit_range(images), to_unit_range(reference)
     return statistics.fmean(psnr(img[i], ref[i], data_range=1.0) for i in range(len(img))), wall
 
 
-def fewer_steps_curve(model, settings: CurveSettings, steps: int, reference, flops, log) -> list[Point]:
+def fewer_steps_curve(subject: Subject, settings: CurveSettings, steps: int, reference, log) -> list[Point]:
     points = []
     for k in range(max(2, steps // 4), steps + 1):
-        spec = SampleSpec(settings.labels, settings.seeds, k)
-        value, wall = evaluate(model, spec, StepPredictor(model), reference) if k < steps else (math.inf, 0.0)
-        points.append(Point("fewer steps", "fewer", f"DDIM {k}", k / steps, value, wall))
-        log(f"  DDIM {k}: {value:.2f} dB")
+        if k < steps:
+            value, wall = evaluate(subject, settings, k, subject.plain(), reference)
+        else:
+            value, wall = math.inf, 0.0
+        points.append(Point(subject.name, "fewer steps", "fewer", f"{subject.sampler} {k}", k / steps, value, wall))
+        log(f"  {subject.sampler} {k}: {value:.2f} dB")
     return points
 
 
@@ -208,9 +345,8 @@ def equal_cost_psnr(curve: list[Point], cost: float) -> float | None:
     return None
 
 
-def encoder_points(model, settings: CurveSettings, reference, drift, flops, log) -> list[Point]:
-    n = settings.encoder_steps
-    spec = SampleSpec(settings.labels, settings.seeds, n)
+def encoder_points(subject: Subject, settings: CurveSettings, reference, drift, log) -> list[Point]:
+    n, flops = settings.encoder_steps, subject.flops
     runs: list[tuple[str, str, KeyStepSpec]] = [
         ("preset", "paper preset", KeyStepSpec("paper")),
         *[("preset", f"uniform k={k}", KeyStepSpec("uniform", k=k)) for k in (2, 3, 4)],
@@ -221,100 +357,154 @@ def encoder_points(model, settings: CurveSettings, reference, drift, flops, log)
     runs += [("adaptive", f"adaptive {t:g}", KeyStepSpec("adaptive", threshold=t)) for t in settings.thresholds]
     points = []
     for kind, label, keys in runs:
-        predictor = KeyRecordingEncoderPredictor(model, encoder_config(keys))
-        value, wall = evaluate(model, spec, predictor, reference)
+        predictor = keys_recorded(subject.encoder(encoder_config(keys)))
+        value, wall = evaluate(subject, settings, n, predictor, reference)
         count = len(predictor.keys)
         cost = (count * flops["full"] + (n - count) * flops["decoder"]) / (n * flops["full"])
-        points.append(Point("encoder", kind, label, cost, value, wall, {"key_steps": list(predictor.keys)}))
+        detail = {"key_steps": list(predictor.keys)}
+        points.append(Point(subject.name, "encoder", kind, label, cost, value, wall, detail))
         log(f"  {label}: {count} keys, {cost:.3f}x FLOPs, {value:.2f} dB")
     return points
 
 
-def attention_points(model, settings: CurveSettings, reference, drift, flops, phast, log) -> list[Point]:
-    n = settings.attention_steps
-    spec = SampleSpec(settings.labels, settings.seeds, n)
+def attention_points(subject: Subject, settings: CurveSettings, reference, drift, log) -> list[Point]:
+    n, flops = settings.attention_steps, subject.flops
     runs: list[tuple[str, str, str, ReuseSchedule]] = []
     for r in settings.reuse_counts:
         runs.append(("preset", f"HURRY r={r}", "output", hurry(n, r)))
         bits = optimal_compute_steps(drift["output"], n - r, weights=drift["weights"]).steps
         schedule = ReuseSchedule(tuple(int(i in bits) for i in range(n)))
         runs.append(("calibrated", f"calibrated r={r}", "output", schedule))
-    runs.append(("preset", "PHAST preset r=10", "output", phast_preset(n, 10)))
-    for mode in ("map", "output"):
-        bits = optimal_compute_steps(drift[mode], n - phast_search.SEARCH_REUSE, weights=drift["weights"]).steps
-        calibrated = ReuseSchedule(tuple(int(i in bits) for i in range(n)))
-        runs.append(("calibrated", f"calibrated r=10 ({mode})", mode, calibrated))
-        if mode in phast and n == phast_search.SEARCH_STEPS:
-            runs.append(("phast", f"PHAST searched r=10 ({mode})", mode, parse_bits(phast[mode]["schedule"])))
+    if n == phast_search.SEARCH_STEPS:  # PHAST's setting: its preset, and its search where this model has one
+        reuse = phast_search.SEARCH_REUSE
+        runs.append(("preset", f"PHAST preset r={reuse}", "output", phast_preset(n, reuse)))
+        for mode in ("map", "output"):
+            bits = optimal_compute_steps(drift[mode], n - reuse, weights=drift["weights"]).steps
+            calibrated = ReuseSchedule(tuple(int(i in bits) for i in range(n)))
+            runs.append(("calibrated", f"calibrated r={reuse} ({mode})", mode, calibrated))
+            if mode in subject.phast:
+                schedule = parse_bits(subject.phast[mode]["schedule"])
+                runs.append(("phast", f"PHAST searched r={reuse} ({mode})", mode, schedule))
     points = []
     for kind, label, mode, schedule in runs:
-        predictor = AttentionReusePredictor(model, attention_config(mode), schedule)
-        value, wall = evaluate(model, spec, predictor, reference)
+        predictor = subject.attention(attention_config(mode), schedule)
+        value, wall = evaluate(subject, settings, n, predictor, reference)
         reuse = schedule.reuse_count
         cost = ((n - reuse) * flops["full"] + reuse * flops[f"reuse_{mode}"]) / (n * flops["full"])
-        points.append(Point("attention", kind, label, cost, value, wall, {"schedule": str(schedule), "mode": mode}))
+        detail = {"schedule": str(schedule), "mode": mode}
+        points.append(Point(subject.name, "attention", kind, label, cost, value, wall, detail))
         log(f"  {label}: {schedule}, {cost:.3f}x FLOPs, {value:.2f} dB")
     return points
 
 
-def builtin_dit_status() -> str:
-    """Why the built-in DiT has no curves here (or that it would load)."""
-    try:
-        from . import builtin_dit
-    except ImportError as exc:
-        return f"not available: {exc}"
-    if not builtin_dit.WEIGHTS_PATH.is_file():
-        return f"not measured: {builtin_dit.WEIGHTS_PATH.name} is missing (python -m reuse_bench.train_mnist_dit)"
-    return "weights present, but its DiT curves are not implemented in this module yet"
+def method_steps(settings: CurveSettings) -> tuple[tuple[str, int], ...]:
+    return (("encoder", settings.encoder_steps), ("attention", settings.attention_steps))
 
 
-def summarise(points: list[Point], fewer: dict[int, list[Point]], settings: CurveSettings) -> list[dict]:
+def summarise(points: list[Point], fewer: dict[tuple[str, int], list[Point]], settings: CurveSettings) -> list[dict]:
     rows = []
-    for method, steps in (("encoder", settings.encoder_steps), ("attention", settings.attention_steps)):
-        for p in points:
-            if p.method == method:
-                base = equal_cost_psnr(fewer[steps], p.flops_ratio)
+    for model in dict.fromkeys(p.model for p in points):
+        for method, steps in method_steps(settings):
+            chosen = [p for p in points if p.model == model and p.method == method]
+            for p in chosen:
+                base = equal_cost_psnr(fewer[model, steps], p.flops_ratio)
                 p.gain_db = None if base is None else p.psnr - base
-        for kind in ("preset", "calibrated", "adaptive", "phast"):
-            scored = [p for p in points if p.method == method and p.kind == kind and p.gain_db is not None]
-            if scored:
-                best = max(scored, key=lambda p: p.gain_db)
-                rows.append({"method": method, "kind": kind, "best": best.label, "gain_db": best.gain_db,
-                             "psnr": best.psnr, "flops_ratio": best.flops_ratio})  # fmt: skip
+            for kind in ("preset", "calibrated", "adaptive", "phast"):
+                scored = [p for p in chosen if p.kind == kind and p.gain_db is not None]
+                if scored:
+                    best = max(scored, key=lambda p: p.gain_db)
+                    rows.append({
+                        "model": model, "method": method, "kind": kind, "best": best.label,
+                        "gain_db": best.gain_db, "psnr": best.psnr, "flops_ratio": best.flops_ratio,
+                    })  # fmt: skip
     return rows
 
 
-def plot(points: list[Point], fewer: dict[int, list[Point]], settings: CurveSettings, path: Path) -> None:
+def plot(points: list[Point], fewer: dict[tuple[str, int], list[Point]], settings: CurveSettings, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    panels = [(model, method, steps) for model in dict.fromkeys(p.model for p in points)
+              for method, steps in method_steps(settings)]  # fmt: skip
+    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4.5 * len(panels)), squeeze=False)
     markers = {"preset": "s", "calibrated": "o", "adaptive": "^", "phast": "*"}
-    methods = (("encoder", settings.encoder_steps), ("attention", settings.attention_steps))
-    for row, (method, steps) in enumerate(methods):
-        curve = [p for p in fewer[steps] if math.isfinite(p.psnr)]
+    for row, (model, method, steps) in enumerate(panels):
+        curve = [p for p in fewer[model, steps] if math.isfinite(p.psnr)]
         for col, (axis, key) in enumerate((("model FLOPs / reference", "flops_ratio"), ("wall s", "wall_s"))):
             ax = axes[row][col]
-            ax.plot([getattr(p, key) for p in curve], [p.psnr for p in curve], "k-", label="fewer DDIM steps")
+            ax.plot([getattr(p, key) for p in curve], [p.psnr for p in curve], "k-", label="fewer steps")
             for kind, marker in markers.items():
-                chosen = [p for p in points if p.method == method and p.kind == kind]
+                chosen = [p for p in points if p.model == model and p.method == method and p.kind == kind]
                 if chosen:
                     ax.scatter([getattr(p, key) for p in chosen], [p.psnr for p in chosen], marker=marker, label=kind)
             ax.set_xlabel(axis)
             ax.set_ylabel("PSNR dB vs full compute")
-            ax.set_title(f"{method} ({steps}-step reference)")
+            ax.set_title(f"{model}: {method} ({steps}-step reference)")
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
+@dataclass
+class Curves:
+    points: list[Point]  # every reuse setting
+    fewer: dict[tuple[str, int], list[Point]]  # (model, reference steps) -> the fewer-steps curve
+    best_gain: list[dict]  # per model, method and kind: the best gain over fewer steps
+    vs_phast: list[dict]  # calibrated against PHAST's search
+
+    def as_json(self, settings: CurveSettings, subjects: Sequence[Subject]) -> dict:
+        return {
+            "settings": asdict(settings),
+            "step_flops": {subject.name: subject.flops for subject in subjects},
+            "points": [asdict(p) for p in self.points],
+            "fewer_steps": {f"{m} {steps}": [asdict(p) for p in curve] for (m, steps), curve in self.fewer.items()},
+            "best_gain": self.best_gain,
+            "vs_phast": self.vs_phast,
+        }
+
+
+def run_curves(subjects: Sequence[Subject], settings: CurveSettings, log) -> Curves:
+    """Every curve of every subject, the best gains and the PHAST comparison."""
+    points: list[Point] = []
+    fewer: dict[tuple[str, int], list[Point]] = {}
+    for subject in subjects:
+        log(f"{subject.name}: FLOPs per step {subject.flops}")
+        references, drifts = {}, {}
+        for steps in sorted({settings.encoder_steps, settings.attention_steps}):
+            references[steps] = subject.sample(settings.labels, settings.seeds, steps, None)
+            log(f"{subject.name}: fewer steps against {subject.sampler} {steps}:")
+            fewer[subject.name, steps] = fewer_steps_curve(subject, settings, steps, references[steps], log)
+            drifts[steps] = record_drift(subject, steps)
+        log(f"{subject.name}: Encoder Feature Propagation:")
+        n = settings.encoder_steps
+        points += encoder_points(subject, settings, references[n], drifts[n], log)
+        log(f"{subject.name}: Attention Map Reuse:")
+        n = settings.attention_steps
+        points += attention_points(subject, settings, references[n], drifts[n], log)
+    table = summarise(points, fewer, settings)
+    vs_phast = []
+    for subject in subjects:
+        for mode in ("map", "output"):
+            label = f"r={phast_search.SEARCH_REUSE} ({mode})"
+            found = {p.kind: p for p in points if p.model == subject.name and p.label.endswith(label)}
+            if {"calibrated", "phast"} <= set(found):
+                calibrated, searched = found["calibrated"], found["phast"]
+                vs_phast.append({
+                    "model": subject.name, "mode": mode,
+                    "calibrated_psnr": calibrated.psnr, "phast_psnr": searched.psnr,
+                    "calibrated_schedule": calibrated.detail["schedule"], "phast_schedule": searched.detail["schedule"],
+                    "calibrated_runs": 1, "phast_runs": subject.phast[mode]["evaluations"],
+                })  # fmt: skip
+    return Curves(points, fewer, table, vs_phast)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="4 images, 20-step references, fewer settings (~2 min)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model)")
+    p.add_argument("--quick", action="store_true", help="4 images, 20-step references, fewer settings (~3 min)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny models)")
     p.add_argument("--out", type=Path, default=OUT_DIR)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -324,60 +514,29 @@ def main(argv=None) -> dict:
     def log(text: str) -> None:
         print(text, flush=True)
 
-    model = load_builtin_model()
-    flops = step_flops(model, len(settings.labels))
-    log(f"FLOPs per step: {flops}")
-    phast = phast_search.load_stored()
-    fewer: dict[int, list[Point]] = {}
-    references: dict[int, torch.Tensor] = {}
-    drifts: dict[int, dict] = {}
-    for steps in sorted({settings.encoder_steps, settings.attention_steps}):
-        references[steps] = sample(model, SampleSpec(settings.labels, settings.seeds, steps))
-        log(f"fewer steps against DDIM {steps}:")
-        fewer[steps] = fewer_steps_curve(model, settings, steps, references[steps], flops, log)
-        drifts[steps] = record_drift(model, steps)
-    log("Encoder Feature Propagation:")
-    points = encoder_points(
-        model, settings, references[settings.encoder_steps], drifts[settings.encoder_steps], flops, log
-    )
-    log("Attention Map Reuse:")
-    points += attention_points(
-        model, settings, references[settings.attention_steps], drifts[settings.attention_steps], flops, phast, log
-    )
-    table = summarise(points, fewer, settings)
-    vs_phast = []
-    for mode in ("map", "output"):
-        calibrated = next((p for p in points if p.label == f"calibrated r=10 ({mode})"), None)
-        searched = next((p for p in points if p.label == f"PHAST searched r=10 ({mode})"), None)
-        if calibrated and searched:
-            vs_phast.append({
-                "mode": mode, "calibrated_psnr": calibrated.psnr, "phast_psnr": searched.psnr,
-                "calibrated_schedule": calibrated.detail["schedule"], "phast_schedule": searched.detail["schedule"],
-                "calibrated_runs": 1, "phast_runs": phast[mode]["evaluations"],
-            })  # fmt: skip
-    result = {
-        "settings": asdict(settings),
-        "step_flops": flops,
-        "points": [asdict(p) for p in points],
-        "fewer_steps": {str(k): [asdict(p) for p in v] for k, v in fewer.items()},
-        "best_gain": table,
-        "vs_phast": vs_phast,
-        "builtin_dit": builtin_dit_status(),
-    }
+    rows = len(settings.labels)
+    subjects = [unet_subject(rows)]
+    dit = dit_subject(rows)
+    if isinstance(dit, str):
+        log(f"built-in DiT: {dit}")
+    else:
+        subjects.append(dit)
+    curves = run_curves(subjects, settings, log)
+    result = {**curves.as_json(settings, subjects), "builtin_dit": dit if isinstance(dit, str) else "measured"}
     name = "calibration_curves_quick" if args.quick else "calibration_curves"
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1, default=float))
-    plot(points, fewer, settings, args.out / f"{name}.png")
-    log("\nbest PSNR gain over fewer DDIM steps at equal model FLOPs:")
-    log("| method | kind | best setting | FLOPs | PSNR dB | gain dB |")
-    log("|---|---|---|---|---|---|")
-    for row in table:
-        log(f"| {row['method']} | {row['kind']} | {row['best']} | {row['flops_ratio']:.3f}x | {row['psnr']:.2f} | "
-            f"{row['gain_db']:+.2f} |")  # fmt: skip
-    for row in vs_phast:
+    plot(curves.points, curves.fewer, settings, args.out / f"{name}.png")
+    log("\nbest PSNR gain over fewer steps at equal model FLOPs:")
+    log("| model | method | kind | best setting | FLOPs | PSNR dB | gain dB |")
+    log("|---|---|---|---|---|---|---|")
+    for row in result["best_gain"]:
+        log(f"| {row['model']} | {row['method']} | {row['kind']} | {row['best']} | {row['flops_ratio']:.3f}x | "
+            f"{row['psnr']:.2f} | {row['gain_db']:+.2f} |")  # fmt: skip
+    for row in result["vs_phast"]:
         gap = row["calibrated_psnr"] - row["phast_psnr"]
-        log(f"calibrated vs PHAST ({row['mode']}): {row['calibrated_psnr']:.2f} dB ({row['calibrated_runs']} run) vs "
-            f"{row['phast_psnr']:.2f} dB ({row['phast_runs']} runs): {gap:+.2f} dB")  # fmt: skip
-    log(f"built-in DiT: {result['builtin_dit']}")
+        log(f"calibrated vs PHAST ({row['model']}, {row['mode']}): {row['calibrated_psnr']:.2f} dB "
+            f"({row['calibrated_runs']} run) vs {row['phast_psnr']:.2f} dB ({row['phast_runs']} runs): "
+            f"{gap:+.2f} dB")  # fmt: skip
     return result
 
 

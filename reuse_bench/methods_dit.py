@@ -27,7 +27,7 @@ from .sampling_dit import DiTPredictor
 MODEL = "DiT"
 
 
-def _depth(model: BuiltinDiT) -> int:
+def dit_depth(model: BuiltinDiT) -> int:
     tf = model.transformer
     return len(tf.transformer_blocks) + len(tf.single_transformer_blocks)
 
@@ -36,7 +36,7 @@ class EncoderPropagationDiTPredictor(DiTPredictor):
     def __init__(self, model: BuiltinDiT, config: EncoderPropagationConfig):
         super().__init__(model)
         self.config = config
-        self.host = DiffusersFluxHost(model.transformer, encoder_block_count(config.encoder_fraction, _depth(model)))
+        self.host = DiffusersFluxHost(model.transformer, encoder_block_count(config.encoder_fraction, dit_depth(model)))
         self.img_ids, self.txt_ids = position_ids()
         self.engine: EncoderPropagationEngine | None = None
         self.note = ""

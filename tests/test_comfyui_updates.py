@@ -174,8 +174,10 @@ def test_grouped_query_attention_keeps_query_heads(hooks, mode):
     assert run.stats.stored == 1 and run.stats.reused == 1 and run.stats.fallbacks == 0
     fused_store = attention.attention_pytorch(*stored_qkv, 4, enable_gqa=True)
     assert torch.allclose(outs[0], fused_store, atol=1e-5)
-    expected = fused_store if mode == "output" else attention.attention_pytorch(
-        stored_qkv[0], stored_qkv[1], reuse_qkv[2], 4, enable_gqa=True
+    expected = (
+        fused_store
+        if mode == "output"
+        else attention.attention_pytorch(stored_qkv[0], stored_qkv[1], reuse_qkv[2], 4, enable_gqa=True)
     )
     assert outs[1].shape == fused_store.shape and torch.allclose(outs[1], expected, atol=1e-5)
 

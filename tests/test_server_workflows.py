@@ -71,8 +71,10 @@ def test_examples_are_generated_from_the_current_node_schemas(comfy):
     generator = load_tools_module("make_example_workflows")
     version = running_version()
     if version != generator.GENERATED_WITH:
-        pytest.skip(f"the examples are generated with ComfyUI {generator.GENERATED_WITH}'s schemas, this is {version}; "
-                    "the browser test loads them in this version's frontend")
+        pytest.skip(
+            f"the examples are generated with ComfyUI {generator.GENERATED_WITH}'s schemas, this is {version}; "
+            "the browser test loads them in this version's frontend"
+        )
     generated = generator.generate(generator.local_object_info())
     on_disk = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in EXAMPLES}
     stale = sorted(name for name in generated if generated[name] != on_disk.get(name))
