@@ -109,9 +109,10 @@ def test_calibrated_schedules_run_in_both_nodes(nodes, models, runs, sampler):
 def test_refuses_a_patched_model_and_bad_targets(nodes, models):
     positive, negative, latent = inputs_for("sd15")
     node = nodes["ReuseCalibrate"]
-    patched = apply(nodes["AttentionMapReuse"], models["sd15"])
-    with pytest.raises(ValueError, match="model: Reuse Calibrate needs the model before"):
-        calibrate(node, patched, positive, negative, latent)
+    for reuse_node in ("AttentionMapReuse", "EncoderFeaturePropagation"):
+        patched = apply(nodes[reuse_node], models["sd15"])
+        with pytest.raises(ValueError, match="model: Reuse Calibrate needs the model before"):
+            calibrate(node, patched, positive, negative, latent)
     with pytest.raises(ValueError, match="target: with target_kind = reuse_steps"):
         calibrate(node, models["sd15"], positive, negative, latent, target=2.5)
     with pytest.raises(ValueError, match=f"target: {STEPS} reused steps"):
