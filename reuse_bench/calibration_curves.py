@@ -84,7 +84,7 @@ class CurveSettings:
 
 @dataclass
 class Point:
-    model: str  # Subject.name
+    model: str  # CurveSubject.name
     method: str  # "fewer steps", "encoder", "attention"
     kind: str  # fewer, preset, calibrated, adaptive, phast
     label: str
@@ -96,7 +96,7 @@ class Point:
 
 
 @dataclass(frozen=True)
-class Subject:
+class CurveSubject:
     """One built-in model as the curves use it: how it samples, runs each method, records a run and costs a step."""
 
     name: str  # "U-Net", "DiT"
@@ -159,7 +159,7 @@ class UNetRecordingPredictor(StepPredictor):
         self.adapter.remove()
 
 
-def record_drift(subject: Subject, steps: int) -> dict[str, list[list[float]]]:
+def record_drift(subject: CurveSubject, steps: int) -> dict[str, list[list[float]]]:
     recorder = subject.recorder()
     subject.sample(phast_search.SEARCH_LABELS, phast_search.SEARCH_SEEDS, steps, recorder)
     names = recorder.attention.names()
@@ -214,13 +214,13 @@ def unet_step_flops(model: BuiltinModel, rows: int) -> dict[str, int]:
     return {"full": full, "decoder": decoder, **reuse_step_flops(model.unet, forward)}
 
 
-def unet_subject(rows: int) -> Subject:
+def unet_subject(rows: int) -> CurveSubject:
     model = load_builtin_model()
 
     def run(labels, seeds, steps, predictor=None):
         return sample(model, SampleSpec(tuple(labels), tuple(seeds), steps), predictor)
 
-    return Subject(
+    return CurveSubject(
         "U-Net", "DDIM", run,
         plain=lambda: StepPredictor(model),
         encoder=lambda config: EncoderPropagationPredictor(model, config),
@@ -281,7 +281,7 @@ def dit_step_flops(model: BuiltinDiT, rows: int) -> dict[str, int]:
     return {"full": full, "decoder": decoder, **reuse_step_flops(model.transformer, forward)}
 
 
-def dit_subject(rows: int) -> Subject | str:
+def dit_subject(rows: int) -> CurveSubject | str:
     """The built-in DiT's subject, or why it is not available."""
     if not DIT_WEIGHTS.is_file():
         return f"not measured: {DIT_WEIGHTS.name} is missing (python -m reuse_bench.train_mnist_dit)"
@@ -290,7 +290,7 @@ def dit_subject(rows: int) -> Subject | str:
     def run(labels, seeds, steps, predictor=None):
         return sample_dit(model, DiTSampleSpec(tuple(labels), tuple(seeds), steps), predictor)
 
-    return Subject(
+    return CurveSubject(
         "DiT", "Euler", run,
         plain=lambda: DiTPredictor(model),
         encoder=lambda config: EncoderPropagationDiTPredictor(model, config),
@@ -318,13 +318,13 @@ def encoder_config(spec: KeyStepSpec) -> EncoderPropagationConfig:
     return EncoderPropagationConfig(key_steps=spec, parallel_decoding=False)
 
 
-def evaluate(subject: Subject, settings: CurveSettings, steps: int, predictor, reference) -> tuple[float, float]:
+def evaluate(subject: CurveSubject, settings: CurveSettings, steps: int, predictor, reference) -> tuple[float, float]:
     images, wall = wall_time(lambda: subject.sample(settings.labels, settings.seeds, steps, predictor))
     img, ref = to_unit_range(images), to_unit_range(reference)
     return statistics.fmean(psnr(img[i], ref[i], data_range=1.0) for i in range(len(img))), wall
 
 
-def fewer_steps_curve(subject: Subject, settings: CurveSettings, steps: int, reference, log) -> list[Point]:
+def fewer_steps_curve(subject: CurveSubject, settings: CurveSettings, steps: int, reference, log) -> list[Point]:
     points = []
     for k in range(max(2, steps // 4), steps + 1):
         if k < steps:
@@ -345,7 +345,7 @@ def equal_cost_psnr(curve: list[Point], cost: float) -> float | None:
     return None
 
 
-def encoder_points(subject: Subject, settings: CurveSettings, reference, drift, log) -> list[Point]:
+def encoder_points(subject: CurveSubject, settings: CurveSettings, reference, drift, log) -> list[Point]:
     n, flops = settings.encoder_steps, subject.flops
     runs: list[tuple[str, str, KeyStepSpec]] = [
         ("preset", "paper preset", KeyStepSpec("paper")),
@@ -367,7 +367,7 @@ def encoder_points(subject: Subject, settings: CurveSettings, reference, drift, 
     return points
 
 
-def attention_points(subject: Subject, settings: CurveSettings, reference, drift, log) -> list[Point]:
+def attention_points(subject: CurveSubject, settings: CurveSettings, reference, drift, log) -> list[Point]:
     n, flops = settings.attention_steps, subject.flops
     runs: list[tuple[str, str, str, ReuseSchedule]] = []
     for r in settings.reuse_counts:
@@ -455,7 +455,7 @@ class Curves:
     best_gain: list[dict]  # per model, method and kind: the best gain over fewer steps
     vs_phast: list[dict]  # calibrated against PHAST's search
 
-    def as_json(self, settings: CurveSettings, subjects: Sequence[Subject]) -> dict:
+    def as_json(self, settings: CurveSettings, subjects: Sequence[CurveSubject]) -> dict:
         return {
             "settings": asdict(settings),
             "step_flops": {subject.name: subject.flops for subject in subjects},
@@ -466,7 +466,7 @@ class Curves:
         }
 
 
-def run_curves(subjects: Sequence[Subject], settings: CurveSettings, log) -> Curves:
+def run_curves(subjects: Sequence[CurveSubject], settings: CurveSettings, log) -> Curves:
     """Every curve of every subject, the best gains and the PHAST comparison."""
     points: list[Point] = []
     fewer: dict[tuple[str, int], list[Point]] = {}
