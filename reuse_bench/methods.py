@@ -4,7 +4,7 @@ Each ``Method`` builds a fresh predictor per sampling run (so no state leaks bet
 run, reports what it skipped (``work_note``). Families: ``reference`` (full compute), ``attention``
 (Attention Map Reuse through ``reuse_core.adapters.diffusers_attention``), ``encoder`` (Encoder Feature
 Propagation through ``reuse_core.adapters.diffusers_encoder``), ``both``, and ``peer`` (diffusers' Pyramid
-Attention Broadcast hook, the DeepCache library).
+Attention Broadcast hook, the DeepCache library). ``RecordingPredictor`` records a full-compute run for calibration.
 """
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import torch
+
 from reuse_core.adapters.diffusers_attention import DiffusersAttentionReuse
 from reuse_core.adapters.diffusers_encoder import DiffusersUNetHost
 from reuse_core.attention_engine import AttentionReuseConfig
+from reuse_core.calibration import ChangeRecorder, attention_probe, sigma_step_weights
 from reuse_core.encoder_engine import EncoderPropagationConfig, EncoderPropagationEngine
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjection
-from reuse_core.schedules import ReuseSchedule
+from reuse_core.schedules import ReuseSchedule, hurry
 from reuse_core.steps import StepMatch
 
 from .builtin_model import BuiltinModel
@@ -113,6 +116,65 @@ class CombinedPredictor(EncoderPropagationPredictor):
         super().end()
         self.attention.end()
         self.note = f"{self.note}; {self.attention.note}"
+
+
+class _RecordingRun:
+    """Stands in for ``AttentionReuseRun`` inside the diffusers adapter: computes, and records every call."""
+
+    def __init__(self, recorder: ChangeRecorder):
+        self.recorder = recorder
+
+    def attention(self, fused, q, k, v, *, heads, step, layer_key, **_):
+        out = fused()
+        if step is not None:
+            self.recorder.record(step, ("output", layer_key), out)
+            self.recorder.record(step, ("map", layer_key), attention_probe(q, k))
+        return out
+
+    def reset(self) -> None:
+        pass
+
+
+def recording_adapter(module: torch.nn.Module, steps: int, recorder: ChangeRecorder) -> DiffusersAttentionReuse:
+    adapter = DiffusersAttentionReuse(module, attention_config("output"), hurry(steps, 0))
+    adapter.run = _RecordingRun(recorder)
+    return adapter.install()
+
+
+class RecordingPredictor(StepPredictor):
+    """Full compute for calibration: records the encoder features (skips + middle) and every attention call."""
+
+    def __init__(self, model: BuiltinModel):
+        super().__init__(model)
+        self.host = DiffusersUNetHost(model.unet)
+        self.encoder, self.attention = ChangeRecorder(), ChangeRecorder()
+
+    def begin(self, timesteps):
+        self.adapter = recording_adapter(self.model.unet, len(timesteps), self.attention)
+
+    def predict(self, step, x, t, context):
+        self.adapter.set_step(step)
+        out, features = self.host.full_forward(x, t.expand(x.shape[0]), context, capture=True)
+        for i, skip in enumerate(features.skips):
+            self.encoder.record(step, ("skip", i), skip)
+        self.encoder.record(step, "middle", features.middle)
+        return out
+
+    def end(self):
+        self.adapter.remove()
+
+
+def drift_matrices(recorder, sigmas: list[float]) -> dict[str, list[list[float]]]:
+    """What calibration needs from a recording predictor's finished run of ``len(sigmas) - 1`` steps: the sigma-step
+    weights and the drift matrices of the encoder features and of the attention maps and outputs."""
+    steps = len(sigmas) - 1
+    names = recorder.attention.names()
+    return {
+        "weights": sigma_step_weights(sigmas),
+        "encoder": recorder.encoder.drift(steps),
+        "map": recorder.attention.drift(steps, [n for n in names if n[0] == "map"]),
+        "output": recorder.attention.drift(steps, [n for n in names if n[0] == "output"]),
+    }
 
 
 class PyramidAttentionBroadcastPredictor(StepPredictor):

@@ -15,13 +15,14 @@ import torch
 from reuse_core.adapters.diffusers_attention import DiffusersAttentionReuse
 from reuse_core.adapters.diffusers_transformer import DiffusersFluxHost
 from reuse_core.attention_engine import AttentionReuseConfig
+from reuse_core.calibration import ChangeRecorder
 from reuse_core.encoder_engine import EncoderPropagationConfig, EncoderPropagationEngine, encoder_block_count
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.schedules import ReuseSchedule
 from reuse_core.steps import StepMatch
 
 from .builtin_dit import BuiltinDiT, pack, position_ids, unpack
-from .methods import Method, attention_config, install_attention_reuse, remove_attention_reuse
+from .methods import Method, attention_config, install_attention_reuse, recording_adapter, remove_attention_reuse
 from .sampling_dit import DiTPredictor
 
 MODEL = "DiT"
@@ -86,6 +87,35 @@ class AttentionReuseDiTPredictor(DiTPredictor):
 
     def end(self):
         self.note, self.cache_bytes = remove_attention_reuse(self.adapter)
+
+
+class RecordingDiTPredictor(DiTPredictor):
+    """Full compute for calibration: records the state after the encoder blocks (both streams) and every attention
+    call."""
+
+    def __init__(self, model: BuiltinDiT):
+        super().__init__(model)
+        fraction = EncoderPropagationConfig().encoder_fraction  # the split the encoder rows use
+        self.host = DiffusersFluxHost(model.transformer, encoder_block_count(fraction, dit_depth(model)))
+        self.img_ids, self.txt_ids = position_ids()
+        self.encoder, self.attention = ChangeRecorder(), ChangeRecorder()
+
+    def begin(self, sigmas):
+        self.adapter = recording_adapter(self.model.transformer, len(sigmas) - 1, self.attention)
+
+    def predict(self, step, x, sigma, text, pooled):
+        self.adapter.set_step(step)
+        out, features = self.host.full_forward(
+            pack(x), sigma.expand(x.shape[0]), text, capture=True,
+            pooled_projections=pooled, img_ids=self.img_ids, txt_ids=self.txt_ids,
+        )  # fmt: skip
+        self.encoder.record(step, "middle", features.middle)
+        for name, value in features.streams.items():
+            self.encoder.record(step, ("stream", name), value)
+        return unpack(out)
+
+    def end(self):
+        self.adapter.remove()
 
 
 class _CountingProcessor:

@@ -39,6 +39,14 @@ class StepPredictor:
         """Called once per sampling run, after the last step (also on error)."""
 
 
+def ddim_sigmas(steps: int) -> list[float]:
+    """The DDIM run's timesteps in ComfyUI's (VE) sigmas, sqrt((1 - alpha_bar) / alpha_bar), ending at 0."""
+    scheduler = build_scheduler("ddim")
+    scheduler.set_timesteps(steps)
+    alphas = scheduler.alphas_cumprod[scheduler.timesteps]
+    return [float(((1 - a) / a).sqrt()) for a in alphas] + [0.0]
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     labels: tuple[int, ...]

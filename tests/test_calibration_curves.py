@@ -35,6 +35,15 @@ def curves(subjects):
     return cc.run_curves(subjects, SETTINGS, log=lambda _: None)
 
 
+def test_equal_cost_baseline_is_the_upper_envelope_of_fewer_steps():
+    measured = [(0.5, 20.0), (0.6, 30.0), (0.7, 25.0), (0.8, 40.0), (1.0, math.inf)]  # (cost, PSNR) per step count
+    curve = [cc.Point("m", "fewer steps", "fewer", str(k), cost, psnr, 0.0) for k, (cost, psnr) in enumerate(measured)]
+    assert cc.equal_cost_psnr(curve, 0.55) == pytest.approx(25.0)
+    assert cc.equal_cost_psnr(curve, 0.65) == pytest.approx(30.0)  # not 27.5: 0.7 is worse than the cheaper 0.6
+    assert cc.equal_cost_psnr(curve, 0.75) == pytest.approx(35.0)
+    assert cc.equal_cost_psnr(curve, 0.4) is None and cc.equal_cost_psnr(curve, 0.9) is None
+
+
 def test_step_flops_order_the_kinds_of_step(subjects):
     for subject in subjects:
         f = subject.flops
