@@ -31,11 +31,11 @@ from . import methods_dit as MD
 from . import phast_search
 from .builtin_dit import DEFAULT_GUIDANCE as DIT_GUIDANCE
 from .builtin_dit import DEFAULT_STEPS as DIT_STEPS
-from .builtin_dit import load_builtin_dit
+from .builtin_dit import BuiltinDiT, flow_sigmas, load_builtin_dit
 from .builtin_model import BuiltinModel, load_builtin_model
 from .digit_classifier import DigitClassifier, held_out_accuracy, load_classifier
 from .measure import count_flops, peak_tensor_bytes, wall_time
-from .sampling import DEFAULT_GUIDANCE, SampleSpec, sample, to_unit_range
+from .sampling import DEFAULT_GUIDANCE, SampleSpec, ddim_sigmas, sample, to_unit_range
 from .sampling_dit import DiTSampleSpec, sample_dit
 
 ATTENTION_STEPS, ATTENTION_REUSE = 20, 10
@@ -99,8 +99,47 @@ def phast_schedules(model: BuiltinModel, settings: BenchSettings, log: Callable[
     return found
 
 
-def build_methods(phast: dict[str, dict], quick: bool = False) -> list[M.Method]:
-    """Every row of the full run; ``quick`` keeps one row per setting that the README table needs."""
+def calibrated_schedules(unet: BuiltinModel, dit: BuiltinDiT, settings: BenchSettings) -> dict[str, dict]:
+    """Per model, what Reuse Calibrate would pick from one full-compute run on the PHAST search's seeds (never the
+    bench's): as many key steps as the paper preset, and an output-mode schedule reusing as many steps as HURRY."""
+    search = (phast_search.SEARCH_LABELS, phast_search.SEARCH_SEEDS)
+
+    def unet_drift(steps: int) -> dict:
+        recorder = M.RecordingPredictor(unet)
+        sample(unet, SampleSpec(*search, steps, settings.guidance), recorder)
+        return M.drift_matrices(recorder, ddim_sigmas(steps))
+
+    recorder = MD.RecordingDiTPredictor(dit)
+    sample_dit(dit, DiTSampleSpec(*search, DIT_STEPS, settings.dit_guidance), recorder)
+    dit_drift = M.drift_matrices(recorder, flow_sigmas(DIT_STEPS).tolist())
+    paper_keys = {steps: len(KeyStepSpec("paper").key_steps(steps)) for steps in (ENCODER_STEPS, DIT_STEPS)}
+    return {
+        "U-Net": {
+            "key_steps": list(M.calibrated_key_steps(unet_drift(ENCODER_STEPS), paper_keys[ENCODER_STEPS])),
+            "schedule": str(M.calibrated_schedule(unet_drift(ATTENTION_STEPS), ATTENTION_REUSE)),
+        },
+        "DiT": {
+            "key_steps": list(M.calibrated_key_steps(dit_drift, paper_keys[DIT_STEPS])),
+            "schedule": str(M.calibrated_schedule(dit_drift, DIT_ATTENTION_REUSE)),
+        },
+    }
+
+
+def calibrated_rows(method_module, calibrated: dict, encoder_steps: int, attention_steps: int, reuse: int) -> list:
+    keys = calibrated["key_steps"]
+    return [
+        method_module.encoder_method(
+            f"Encoder propagation calibrated ({len(keys)} keys)", encoder_steps, KeyStepSpec("custom", custom=keys),
+            parallel=True,
+        ),
+        method_module.attention_method(
+            f"Attention reuse calibrated r={reuse}", attention_steps, parse_bits(calibrated["schedule"]), "output"
+        ),
+    ]  # fmt: skip
+
+
+def build_methods(phast: dict[str, dict], calibrated: dict, quick: bool = False) -> list[M.Method]:
+    """Every U-Net row of the full run; ``quick`` keeps one row per setting that the README table needs."""
     a_steps, e_steps = ATTENTION_STEPS, ENCODER_STEPS
     rows = [M.reference(e_steps), M.reference(a_steps)]
     for mode in ("map", "output"):
@@ -130,6 +169,7 @@ def build_methods(phast: dict[str, dict], quick: bool = False) -> list[M.Method]
             M.encoder_method("Encoder propagation paper preset", e_steps, KeyStepSpec("paper"), True, injection=False)
         )
         rows.append(M.encoder_method("Encoder propagation paper preset (scaled)", a_steps, KeyStepSpec("paper"), True))
+    rows += calibrated_rows(M, calibrated, e_steps, a_steps, ATTENTION_REUSE)
     rows.append(M.combined_method(a_steps, KeyStepSpec("paper"), parse_bits(phast["output"]["schedule"]), "output"))
     if not quick:
         rows.append(M.combined_method(a_steps, KeyStepSpec("paper"), parse_bits(phast["map"]["schedule"]), "map"))
@@ -141,7 +181,7 @@ def build_methods(phast: dict[str, dict], quick: bool = False) -> list[M.Method]
     return rows + peers
 
 
-def build_dit_methods(quick: bool = False) -> list[M.Method]:
+def build_dit_methods(calibrated: dict, quick: bool = False) -> list[M.Method]:
     """The DiT rows (one reference step count); ``quick`` keeps the rows the README table needs."""
     steps = DIT_STEPS
     rows = [MD.reference(steps)]
@@ -154,6 +194,7 @@ def build_dit_methods(quick: bool = False) -> list[M.Method]:
     for mode in ("output",) if quick else ("map", "output"):
         schedule = hurry(steps, DIT_ATTENTION_REUSE)
         rows.append(MD.attention_method(f"Attention reuse HURRY r={DIT_ATTENTION_REUSE}", steps, schedule, mode))
+    rows += calibrated_rows(MD, calibrated, steps, steps, DIT_ATTENTION_REUSE)
     return rows + MD.peer_methods(steps, quick)
 
 
@@ -179,14 +220,15 @@ class Subject:
         return sum(p.numel() for p in net.parameters())
 
 
-def _subjects(settings: BenchSettings, phast: dict[str, dict], unet: BuiltinModel) -> list[Subject]:
+def _subjects(
+    settings: BenchSettings, phast: dict[str, dict], calibrated: dict[str, dict], unet: BuiltinModel, dit: BuiltinDiT
+) -> list[Subject]:
     labels, seeds = settings.labels, settings.seeds
-    dit = load_builtin_dit()
     return [
         Subject(
             "U-Net",
             unet,
-            [Row(m) for m in build_methods(phast, settings.quick)],
+            [Row(m) for m in build_methods(phast, calibrated["U-Net"], settings.quick)],
             lambda n: SampleSpec(labels, seeds, n, settings.guidance),
             lambda n: SampleSpec(labels[:1], seeds[:1], n, settings.guidance),
             lambda spec, predictor: sample(unet, spec, predictor),
@@ -195,7 +237,7 @@ def _subjects(settings: BenchSettings, phast: dict[str, dict], unet: BuiltinMode
         Subject(
             "DiT",
             dit,
-            [Row(m) for m in build_dit_methods(settings.quick)],
+            [Row(m) for m in build_dit_methods(calibrated["DiT"], settings.quick)],
             lambda n: DiTSampleSpec(labels, seeds, n, settings.dit_guidance),
             lambda n: DiTSampleSpec(labels[:1], seeds[:1], n, settings.dit_guidance),
             lambda spec, predictor: sample_dit(dit, spec, predictor),
@@ -301,8 +343,11 @@ def _measure(subject: Subject, settings: BenchSettings, classifier: DigitClassif
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = print, progress_factory=None) -> dict:
     classifier: DigitClassifier = load_classifier()
     unet = load_builtin_model()
+    dit = load_builtin_dit()
     phast = phast_schedules(unet, settings, log)
-    subjects = _subjects(settings, phast, unet)
+    calibrated = calibrated_schedules(unet, dit, settings)
+    log(f"calibrated (one recording run per model and step count): {calibrated}")
+    subjects = _subjects(settings, phast, calibrated, unet, dit)
     total = sum((settings.repeats + 1) * len(s.rows) for s in subjects)
     bar = progress_factory(total) if progress_factory else None
     for subject in subjects:
@@ -345,6 +390,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print, progr
         },
         "classifier_held_out_accuracy": held_out_accuracy(),
         "phast": phast,
+        "calibrated": calibrated,
         "rows": [r.result for r in rows],
         "_images": {r.result["method"] + f" [{r.method.steps}]": r.images for r in rows},
     }

@@ -42,7 +42,6 @@ from reuse_core.adapters.diffusers_attention import DiffusersAttentionReuse
 from reuse_core.adapters.diffusers_encoder import DiffusersUNetHost
 from reuse_core.adapters.diffusers_transformer import DiffusersFluxHost
 from reuse_core.attention_engine import AttentionReuseConfig
-from reuse_core.calibration import optimal_compute_steps
 from reuse_core.encoder_engine import EncoderPropagationConfig, encoder_block_count
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.metrics import psnr
@@ -58,6 +57,8 @@ from .methods import (
     EncoderPropagationPredictor,
     RecordingPredictor,
     attention_config,
+    calibrated_key_steps,
+    calibrated_schedule,
     drift_matrices,
 )
 from .methods_dit import AttentionReuseDiTPredictor, EncoderPropagationDiTPredictor, RecordingDiTPredictor, dit_depth
@@ -277,7 +278,7 @@ def encoder_points(subject: CurveSubject, settings: CurveSettings, reference, dr
         *[("preset", f"uniform k={k}", KeyStepSpec("uniform", k=k)) for k in (2, 3, 4)],
     ]
     for budget in settings.key_budgets:
-        keys = optimal_compute_steps(drift["encoder"], budget, weights=drift["weights"]).steps
+        keys = calibrated_key_steps(drift, budget)
         runs.append(("calibrated", f"calibrated {budget} keys", KeyStepSpec("custom", custom=keys)))
     runs += [("adaptive", f"adaptive {t:g}", KeyStepSpec("adaptive", threshold=t)) for t in settings.thresholds]
     points = []
@@ -297,15 +298,12 @@ def attention_points(subject: CurveSubject, settings: CurveSettings, reference, 
     runs: list[tuple[str, str, str, ReuseSchedule]] = []
     for r in settings.reuse_counts:
         runs.append(("preset", f"HURRY r={r}", "output", hurry(n, r)))
-        bits = optimal_compute_steps(drift["output"], n - r, weights=drift["weights"]).steps
-        schedule = ReuseSchedule(tuple(int(i in bits) for i in range(n)))
-        runs.append(("calibrated", f"calibrated r={r}", "output", schedule))
+        runs.append(("calibrated", f"calibrated r={r}", "output", calibrated_schedule(drift, r)))
     if n == phast_search.SEARCH_STEPS:  # PHAST's setting: its preset, and its search where this model has one
         reuse = phast_search.SEARCH_REUSE
         runs.append(("preset", f"PHAST preset r={reuse}", "output", phast_preset(n, reuse)))
         for mode in ("map", "output"):
-            bits = optimal_compute_steps(drift[mode], n - reuse, weights=drift["weights"]).steps
-            calibrated = ReuseSchedule(tuple(int(i in bits) for i in range(n)))
+            calibrated = calibrated_schedule(drift, reuse, mode)
             runs.append(("calibrated", f"calibrated r={reuse} ({mode})", mode, calibrated))
             if mode in subject.phast:
                 schedule = parse_bits(subject.phast[mode]["schedule"])

@@ -18,7 +18,7 @@ import torch
 from reuse_core.adapters.diffusers_attention import DiffusersAttentionReuse
 from reuse_core.adapters.diffusers_encoder import DiffusersUNetHost
 from reuse_core.attention_engine import AttentionReuseConfig
-from reuse_core.calibration import ChangeRecorder, attention_probe, sigma_step_weights
+from reuse_core.calibration import ChangeRecorder, attention_probe, optimal_compute_steps, sigma_step_weights
 from reuse_core.encoder_engine import EncoderPropagationConfig, EncoderPropagationEngine
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjection
@@ -162,6 +162,18 @@ class RecordingPredictor(StepPredictor):
 
     def end(self):
         self.adapter.remove()
+
+
+def calibrated_key_steps(drift: dict, count: int) -> tuple[int, ...]:
+    """The ``count`` key steps that calibration picks from ``drift_matrices``."""
+    return optimal_compute_steps(drift["encoder"], count, weights=drift["weights"]).steps
+
+
+def calibrated_schedule(drift: dict, reuse: int, mode: str = "output") -> ReuseSchedule:
+    """The attention schedule with ``reuse`` reused steps that calibration picks from ``drift_matrices``."""
+    steps = len(drift["weights"])
+    compute = optimal_compute_steps(drift[mode], steps - reuse, weights=drift["weights"]).steps
+    return ReuseSchedule(tuple(int(i in compute) for i in range(steps)))
 
 
 def drift_matrices(recorder, sigmas: list[float]) -> dict[str, list[list[float]]]:

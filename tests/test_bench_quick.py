@@ -48,8 +48,9 @@ def test_quick_table_has_the_expected_rows(quick_run):
 
     out, _ = quick_run
     result = json.loads((out / "results.json").read_text())
-    unet = [(m.name, m.steps) for m in build_methods(load_stored(), quick=True)]
-    dit = [(m.name, m.steps) for m in build_dit_methods(quick=True)]
+    calibrated = result["calibrated"]
+    unet = [(m.name, m.steps) for m in build_methods(load_stored(), calibrated["U-Net"], quick=True)]
+    dit = [(m.name, m.steps) for m in build_dit_methods(calibrated["DiT"], quick=True)]
     assert [(r["method"], r["steps"]) for r in result["rows"]] == unet + dit
     assert [r["model"] for r in result["rows"]] == ["U-Net"] * len(unet) + ["DiT"] * len(dit)
     assert all(name.startswith("DiT: ") for name, _ in dit)  # labelled per model in the one table
@@ -59,6 +60,19 @@ def test_quick_table_has_the_expected_rows(quick_run):
     table = (out / "results.md").read_text()
     for name, _ in unet + dit:
         assert f"| {name} |" in table
+
+
+def test_calibrated_rows_have_the_presets_budgets(quick_run):
+    from reuse_bench.bench import ATTENTION_REUSE, DIT_ATTENTION_REUSE
+
+    out, _ = quick_run
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for model, reuse in (("U-Net", ATTENTION_REUSE), ("DiT", DIT_ATTENTION_REUSE)):
+        mine = {r["family"]: r for r in rows if r["model"] == model and "calibrated" in r["method"]}
+        paper = next(r for r in rows if r["model"] == model and r["family"] == "encoder" and "paper" in r["method"])
+        assert len(mine["encoder"]["settings"]["key_steps"]) == len(paper["settings"]["key_steps"]), model
+        assert mine["encoder"]["settings"]["key_steps"] != paper["settings"]["key_steps"], model
+        assert mine["attention"]["settings"]["schedule"].count("0") == reuse, model
 
 
 def test_quick_numbers_are_consistent(quick_run):
