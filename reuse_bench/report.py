@@ -28,7 +28,7 @@ def table_row(r: dict) -> str:
     elif r["equal_time_ddim_steps"] >= r["steps"]:
         equal = f"{r['equal_time_ddim_steps']} (method not faster)"
     else:
-        equal = f"{r['equal_time_ddim_steps']}, {_db(r['equal_time_ddim_psnr_mean'])}"
+        equal = f"{r['equal_time_best_steps']} of ≤{r['equal_time_ddim_steps']}, {_db(r['equal_time_ddim_psnr_mean'])}"
     cells = [
         r["method"],
         str(r["steps"]),
@@ -57,7 +57,8 @@ def markdown(result: dict) -> str:
         f"torch {m['torch']} with {m['torch_threads']} threads; {result['date']}.",
         "Time and FLOPs are relative to the same model's full-compute run with the same step count (PSNR/SSIM too, "
         "per seed, images in [0, 1]); the plain sampler at equal time is that model's own sampler (DDIM or Euler) "
-        "with as many steps as fit in the method's time. Class acc. = digit classifier agrees with the requested class "
+        "at the best of the step counts that fit in the method's time (\"k of ≤n\": k steps; n fit). "
+        "Class acc. = digit classifier agrees with the requested class "
         f"(classifier held-out accuracy on real digits: {result['classifier_held_out_accuracy']}). "
         "Peak tensor MB = peak live tensor storage allocated during a one-image run (CFG batch 2); "
         "FLOPs are measured on the same run.",

@@ -84,6 +84,8 @@ def test_quick_numbers_are_consistent(quick_run):
             assert row["psnr_mean"] == "inf" and row["ssim_mean"] == 1.0
         else:
             assert row["flops"] > 0 and row["peak_tensor_bytes"] > 0 and row["equal_time_ddim_steps"] >= 1
+            if row["equal_time_ddim_steps"] < row["steps"]:  # the best plain step count that fits in the time
+                assert 1 <= row["equal_time_best_steps"] <= row["equal_time_ddim_steps"], row["method"]
             assert row["work_skipped"], row["method"]
         assert 0.0 <= row["classifier_accuracy"] <= 1.0
     # Skipping encoder/deep blocks must remove model FLOPs (First Block Cache on the DiT decides per step from the
