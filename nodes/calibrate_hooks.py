@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ..reuse_core.attention_math import kv_to_heads, to_heads
-from ..reuse_core.calibration import ChangeRecorder, attention_probe
+from ..reuse_core.calibration import ChangeRecorder
 from .comfy_steps import (
     chain_attention_override,
     holds_pack_override,
@@ -40,9 +40,6 @@ from .unet_decoder import ComfyUNetHost, bind_unet_call, is_unet
 WRAPPER_KEY = "comfyui_reuse.calibrate"
 RUN_STATE_KEY = "comfyui_reuse.calibrate.run"
 FORWARD_KEY = "comfyui_reuse.calibrate.forward"
-ENCODER = "encoder"
-ATTENTION_OUTPUT = "attention_output"
-ATTENTION_MAP = "attention_map"
 
 
 @dataclass
@@ -95,9 +92,7 @@ def make_recording_override(previous=None):
         layout = "bhnd" if kwargs.get("skip_reshape", False) else "bnc"
         q = to_heads(args[0], heads, layout)
         k = kv_to_heads(args[1], heads, q.shape[-1], layout)
-        key = (forward.chunk, ordinal)
-        run.attention.record(forward.step, (ATTENTION_OUTPUT, *key), out)
-        run.attention.record(forward.step, (ATTENTION_MAP, *key), attention_probe(q, k))
+        run.attention.record_attention(forward.step, (forward.chunk, ordinal), q, k, out)
         return out
 
     return override
@@ -150,15 +145,10 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     else:
         host = ComfyDiTHost(executor, net, run.split, args, kwargs)
         out, features = host.full_forward(host.x, host.timesteps, None, capture=True)
-    chunk = forward.chunk
     if features is None:
-        run.encoder.record(step.index, (ENCODER, chunk, "prediction"), out)
-        return out
-    for i, skip in enumerate(features.skips):
-        run.encoder.record(step.index, (ENCODER, chunk, "skip", i), skip)
-    run.encoder.record(step.index, (ENCODER, chunk, "middle"), features.middle)
-    for name, value in features.streams.items():
-        run.encoder.record(step.index, (ENCODER, chunk, "stream", name), value)
+        run.encoder.record(step.index, (forward.chunk, "prediction"), out)
+    else:
+        run.encoder.record_features(step.index, features, (forward.chunk,))
     return out
 
 

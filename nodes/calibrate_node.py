@@ -14,9 +14,9 @@ import math
 
 from comfy_api.latest import io
 
-from ..reuse_core.calibration import Budget, calibrate, sigma_step_weights
-from ..reuse_core.encoder_engine import DIT_PAPER_ENCODER_FRACTION
-from .calibrate_hooks import ATTENTION_MAP, ATTENTION_OUTPUT, CalibrationSession, log_run, recording_clone
+from ..reuse_core.calibration import ATTENTION_MAP, ATTENTION_OUTPUT, Budget, calibrate, sigma_step_weights
+from ..reuse_core.encoder_engine import DIT_PAPER_ENCODER_FRACTION, check_encoder_fraction
+from .calibrate_hooks import CalibrationSession, log_run, recording_clone
 from .encoder_node import encoder_fraction_input
 
 TARGET_KINDS = ("reuse_steps", "speedup")
@@ -25,6 +25,11 @@ TARGET_KINDS = ("reuse_steps", "speedup")
 # attention reuse step ~0.8 (0.79-0.82 at 512x512).
 ENCODER_REUSE_COST = 0.66
 ATTENTION_REUSE_COST = 0.8
+ATTENTION_MODES = (ATTENTION_OUTPUT, ATTENTION_MAP)  # Attention Map Reuse's modes, named as the recorder names them
+
+
+def _reuse_cost_input(name: str, default: float, tooltip: str) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=0.0, max=0.99, step=0.01, tooltip="speedup only: " + tooltip)
 
 
 def budget_of(target_kind: str, target: float) -> Budget:
@@ -74,28 +79,22 @@ class ReuseCalibrate(io.ComfyNode):
                     "speed-up to reach; each method converts it with its reuse cost below.",
                 ),
                 io.Float.Input("target", default=10.0, min=0.0, max=10000.0, step=0.05),
-                io.Float.Input(
+                _reuse_cost_input(
                     "encoder_reuse_cost",
-                    default=ENCODER_REUSE_COST,
-                    min=0.0,
-                    max=0.99,
-                    step=0.01,
-                    tooltip="speedup only: time of an Encoder Feature Propagation decoder-only step over a full step "
-                    "(0.66 measured on SD1.5).",
+                    ENCODER_REUSE_COST,
+                    "time of an Encoder Feature Propagation decoder-only step over a full step (0.66 measured on "
+                    "SD1.5).",
                 ),
-                io.Float.Input(
+                _reuse_cost_input(
                     "attention_reuse_cost",
-                    default=ATTENTION_REUSE_COST,
-                    min=0.0,
-                    max=0.99,
-                    step=0.01,
-                    tooltip="speedup only: time of an Attention Map Reuse step over a full step (0.8 measured for "
-                    "output mode on SD1.5 at 512x512).",
+                    ATTENTION_REUSE_COST,
+                    "time of an Attention Map Reuse step over a full step (0.8 measured for output mode on SD1.5 at "
+                    "512x512).",
                 ),
                 io.Combo.Input(
                     "attention_mode",
-                    options=["output", "map"],
-                    default="output",
+                    options=list(ATTENTION_MODES),
+                    default=ATTENTION_OUTPUT,
                     tooltip="The mode you will use in Attention Map Reuse: output fits the schedule to the change "
                     "of the attention outputs, map to the change of the attention maps.",
                 ),
@@ -132,11 +131,9 @@ class ReuseCalibrate(io.ComfyNode):
         import comfy.utils
 
         budget = budget_of(target_kind, target)
-        if attention_mode not in ("output", "map"):
+        if attention_mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode: choose output or map, got {attention_mode!r}")
-        if not 0.0 < encoder_fraction < 1.0:
-            raise ValueError(f"encoder_fraction: must lie strictly between 0 and 1, got {encoder_fraction!r}")
-        session = CalibrationSession(encoder_fraction)
+        session = CalibrationSession(check_encoder_fraction(encoder_fraction))
         patched = recording_clone(model, session)
         # The KSampler path (nodes.common_ksampler), without its preview callback.
         latent = latent_image["samples"]
@@ -161,8 +158,7 @@ class ReuseCalibrate(io.ComfyNode):
             raise RuntimeError(f"Reuse Calibrate: expected one sampler run, saw {len(session.runs)}")
         run = session.runs[0]
         log_run(run)
-        kind = ATTENTION_OUTPUT if attention_mode == "output" else ATTENTION_MAP
-        attention_names = [n for n in run.attention.names() if n[0] == kind]
+        attention_names = run.attention.names(attention_mode)
         if attention_names:
             attention_drift = run.attention.drift(run.steps, attention_names)
         else:  # no attention call went through ComfyUI's optimized attention: fall back to the encoder's drift

@@ -6,7 +6,7 @@ it samples the full-compute references and each method at the same step count, t
 ratio to its reference (medians of interleaved repeats in this process), measured model FLOPs relative to the
 reference and what the method skipped, PSNR/SSIM of the final images against the reference of the same model and
 seed (mean and worst), the digit classifier's accuracy on the requested classes, peak tensor memory of a run, and
-the step count of the model's plain sampler that takes the same wall time as the method, with that fewer-step
+the model's plain sampler at the best of the step counts that fit in the method's wall time, with that fewer-step
 run's PSNR against the same reference.
 """
 
@@ -291,13 +291,16 @@ def _measure(subject: Subject, settings: BenchSettings, classifier: DigitClassif
             bar.update(1)
 
     references = {r.method.steps: r for r in rows if r.method.family == "reference"}
-    fewer_step_cache: dict[int, torch.Tensor] = {}
+    fewer_images: dict[int, torch.Tensor] = {}  # plain sampler, per step count
+    fewer_psnr: dict[tuple[int, int], float] = {}  # per (step count, reference step count)
 
-    def fewer_steps_psnr(n: int, ref_img: torch.Tensor) -> float:
-        if n not in fewer_step_cache:
-            fewer_step_cache[n] = to_unit_range(subject.sample(subject.spec(n), None))
-        fewer = fewer_step_cache[n]
-        return _stats([psnr(fewer[i], ref_img[i], data_range=1.0) for i in range(len(fewer))])[0]
+    def fewer_steps_psnr(n: int, reference_steps: int) -> float:
+        if (n, reference_steps) not in fewer_psnr:
+            if n not in fewer_images:
+                fewer_images[n] = to_unit_range(subject.sample(subject.spec(n), None))
+            pairs = zip(fewer_images[n], to_unit_range(references[reference_steps].images), strict=True)
+            fewer_psnr[n, reference_steps] = _stats([psnr(f, r, data_range=1.0) for f, r in pairs])[0]
+        return fewer_psnr[n, reference_steps]
 
     for row in rows:
         ref = references[row.method.steps]
@@ -338,7 +341,7 @@ def _measure(subject: Subject, settings: BenchSettings, classifier: DigitClassif
             result["equal_time_best_steps"] = None
             result["equal_time_ddim_psnr_mean"] = None
             if n < row.method.steps:
-                by_steps = {k: fewer_steps_psnr(k, ref_img) for k in range(1, n + 1)}
+                by_steps = {k: fewer_steps_psnr(k, row.method.steps) for k in range(1, n + 1)}
                 best = max(by_steps, key=by_steps.get)
                 result["equal_time_best_steps"], result["equal_time_ddim_psnr_mean"] = best, by_steps[best]
         row.result = result

@@ -112,18 +112,22 @@ class BuiltinDiT:
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """The plain transformer call on images ``[B, 1, 32, 32]`` at ``sigma`` ([B] or scalar): ``noise - x0``."""
-        img_ids, txt_ids = position_ids()
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
-        out = self.transformer(
-            hidden_states=pack(x),
-            encoder_hidden_states=text,
-            pooled_projections=pooled,
-            timestep=sigma,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            return_dict=False,
-        )[0]
-        return unpack(out)
+        return unpack(packed_velocity(self.transformer, pack(x), sigma, text, pooled))
+
+
+def packed_velocity(transformer: nn.Module, tokens: torch.Tensor, sigma: torch.Tensor, text, pooled) -> torch.Tensor:
+    """The transformer on packed image tokens at ``sigma`` ``[B]``: the packed ``noise - x0`` (the training target)."""
+    img_ids, txt_ids = position_ids()
+    return transformer(
+        hidden_states=tokens,
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
+        timestep=sigma,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        return_dict=False,
+    )[0]
 
 
 def state_dict_for_saving(transformer: nn.Module, conditioning: ClassConditioning, dtype=torch.float16) -> dict:

@@ -42,7 +42,7 @@ from reuse_core.adapters.diffusers_attention import DiffusersAttentionReuse
 from reuse_core.adapters.diffusers_encoder import DiffusersUNetHost
 from reuse_core.adapters.diffusers_transformer import DiffusersFluxHost
 from reuse_core.attention_engine import AttentionReuseConfig
-from reuse_core.encoder_engine import EncoderPropagationConfig, encoder_block_count
+from reuse_core.encoder_engine import EncoderPropagationConfig
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.metrics import psnr
 from reuse_core.schedules import ReuseSchedule, hurry, parse_bits, phast_preset
@@ -61,7 +61,7 @@ from .methods import (
     calibrated_schedule,
     drift_matrices,
 )
-from .methods_dit import AttentionReuseDiTPredictor, EncoderPropagationDiTPredictor, RecordingDiTPredictor, dit_depth
+from .methods_dit import AttentionReuseDiTPredictor, EncoderPropagationDiTPredictor, RecordingDiTPredictor
 from .sampling import SampleSpec, StepPredictor, ddim_sigmas, initial_noise, sample, to_unit_range
 from .sampling_dit import DiTPredictor, DiTSampleSpec, sample_dit
 
@@ -188,8 +188,7 @@ def dit_step_flops(model: BuiltinDiT, rows: int) -> dict[str, int]:
     sigma = torch.full((2 * rows,), 0.5)
     img_ids, txt_ids = position_ids()
     extra = {"pooled_projections": pooled, "img_ids": img_ids, "txt_ids": txt_ids}
-    host = DiffusersFluxHost(model.transformer, encoder_block_count(EncoderPropagationConfig().encoder_fraction,
-                                                                    dit_depth(model)))  # fmt: skip
+    host = DiffusersFluxHost(model.transformer)  # the encoder points' default split
 
     def forward():
         return model.velocity(x, sigma, text, pooled)

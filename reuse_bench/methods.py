@@ -18,7 +18,13 @@ import torch
 from reuse_core.adapters.diffusers_attention import DiffusersAttentionReuse
 from reuse_core.adapters.diffusers_encoder import DiffusersUNetHost
 from reuse_core.attention_engine import AttentionReuseConfig
-from reuse_core.calibration import ChangeRecorder, attention_probe, optimal_compute_steps, sigma_step_weights
+from reuse_core.calibration import (
+    ATTENTION_MAP,
+    ATTENTION_OUTPUT,
+    ChangeRecorder,
+    optimal_compute_steps,
+    sigma_step_weights,
+)
 from reuse_core.encoder_engine import EncoderPropagationConfig, EncoderPropagationEngine
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjection
@@ -127,8 +133,7 @@ class _RecordingRun:
     def attention(self, fused, q, k, v, *, heads, step, layer_key, **_):
         out = fused()
         if step is not None:
-            self.recorder.record(step, ("output", layer_key), out)
-            self.recorder.record(step, ("map", layer_key), attention_probe(q, k))
+            self.recorder.record_attention(step, (layer_key,), q, k, out)
         return out
 
     def reset(self) -> None:
@@ -155,9 +160,7 @@ class RecordingPredictor(StepPredictor):
     def predict(self, step, x, t, context):
         self.adapter.set_step(step)
         out, features = self.host.full_forward(x, t.expand(x.shape[0]), context, capture=True)
-        for i, skip in enumerate(features.skips):
-            self.encoder.record(step, ("skip", i), skip)
-        self.encoder.record(step, "middle", features.middle)
+        self.encoder.record_features(step, features)
         return out
 
     def end(self):
@@ -169,23 +172,23 @@ def calibrated_key_steps(drift: dict, count: int) -> tuple[int, ...]:
     return optimal_compute_steps(drift["encoder"], count, weights=drift["weights"]).steps
 
 
-def calibrated_schedule(drift: dict, reuse: int, mode: str = "output") -> ReuseSchedule:
+def calibrated_schedule(drift: dict, reuse: int, mode: str = ATTENTION_OUTPUT) -> ReuseSchedule:
     """The attention schedule with ``reuse`` reused steps that calibration picks from ``drift_matrices``."""
     steps = len(drift["weights"])
-    compute = optimal_compute_steps(drift[mode], steps - reuse, weights=drift["weights"]).steps
-    return ReuseSchedule(tuple(int(i in compute) for i in range(steps)))
+    return optimal_compute_steps(drift[mode], steps - reuse, weights=drift["weights"]).schedule(steps)
 
 
 def drift_matrices(recorder, sigmas: list[float]) -> dict[str, list[list[float]]]:
     """What calibration needs from a recording predictor's finished run of ``len(sigmas) - 1`` steps: the sigma-step
     weights and the drift matrices of the encoder features and of the attention maps and outputs."""
     steps = len(sigmas) - 1
-    names = recorder.attention.names()
     return {
         "weights": sigma_step_weights(sigmas),
         "encoder": recorder.encoder.drift(steps),
-        "map": recorder.attention.drift(steps, [n for n in names if n[0] == "map"]),
-        "output": recorder.attention.drift(steps, [n for n in names if n[0] == "output"]),
+        **{
+            kind: recorder.attention.drift(steps, recorder.attention.names(kind))
+            for kind in (ATTENTION_MAP, ATTENTION_OUTPUT)
+        },
     }
 
 

@@ -1,8 +1,8 @@
 """The DiT rows of the bench: every method as a ``DiTPredictor`` factory on the built-in DiT.
 
 Mirrors ``methods.py`` for the U-Net. Families: ``reference`` (full compute), ``encoder`` (Encoder Feature
-Propagation through ``reuse_core.adapters.diffusers_transformer``: the first ``encoder_block_count`` blocks are the
-encoder), ``attention`` (Attention Map Reuse through ``reuse_core.adapters.diffusers_attention``, which drives
+Propagation through ``reuse_core.adapters.diffusers_transformer``: the leading ``encoder_fraction`` of the blocks
+are the encoder), ``attention`` (Attention Map Reuse through ``reuse_core.adapters.diffusers_attention``, which drives
 Flux's joint attention) and ``peer`` (diffusers' First Block Cache and Pyramid Attention Broadcast hooks). Prior
 noise injection is off in the encoder rows: the paper defines it for the variance-preserving DDIM latent, and a
 rectified-flow sampler has no such parametrisation (``reuse_core.noise_injection``).
@@ -16,7 +16,7 @@ from reuse_core.adapters.diffusers_attention import DiffusersAttentionReuse
 from reuse_core.adapters.diffusers_transformer import DiffusersFluxHost
 from reuse_core.attention_engine import AttentionReuseConfig
 from reuse_core.calibration import ChangeRecorder
-from reuse_core.encoder_engine import EncoderPropagationConfig, EncoderPropagationEngine, encoder_block_count
+from reuse_core.encoder_engine import EncoderPropagationConfig, EncoderPropagationEngine
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.schedules import ReuseSchedule
 from reuse_core.steps import StepMatch
@@ -28,16 +28,11 @@ from .sampling_dit import DiTPredictor
 MODEL = "DiT"
 
 
-def dit_depth(model: BuiltinDiT) -> int:
-    tf = model.transformer
-    return len(tf.transformer_blocks) + len(tf.single_transformer_blocks)
-
-
 class EncoderPropagationDiTPredictor(DiTPredictor):
     def __init__(self, model: BuiltinDiT, config: EncoderPropagationConfig):
         super().__init__(model)
         self.config = config
-        self.host = DiffusersFluxHost(model.transformer, encoder_block_count(config.encoder_fraction, dit_depth(model)))
+        self.host = DiffusersFluxHost(model.transformer, encoder_fraction=config.encoder_fraction)
         self.img_ids, self.txt_ids = position_ids()
         self.engine: EncoderPropagationEngine | None = None
         self.note = ""
@@ -95,8 +90,7 @@ class RecordingDiTPredictor(DiTPredictor):
 
     def __init__(self, model: BuiltinDiT):
         super().__init__(model)
-        fraction = EncoderPropagationConfig().encoder_fraction  # the split the encoder rows use
-        self.host = DiffusersFluxHost(model.transformer, encoder_block_count(fraction, dit_depth(model)))
+        self.host = DiffusersFluxHost(model.transformer)  # the encoder rows' default split
         self.img_ids, self.txt_ids = position_ids()
         self.encoder, self.attention = ChangeRecorder(), ChangeRecorder()
 
@@ -109,9 +103,7 @@ class RecordingDiTPredictor(DiTPredictor):
             pack(x), sigma.expand(x.shape[0]), text, capture=True,
             pooled_projections=pooled, img_ids=self.img_ids, txt_ids=self.txt_ids,
         )  # fmt: skip
-        self.encoder.record(step, "middle", features.middle)
-        for name, value in features.streams.items():
-            self.encoder.record(step, ("stream", name), value)
+        self.encoder.record_features(step, features)
         return unpack(out)
 
     def end(self):

@@ -57,7 +57,7 @@ def markdown(result: dict) -> str:
         f"torch {m['torch']} with {m['torch_threads']} threads; {result['date']}.",
         "Time and FLOPs are relative to the same model's full-compute run with the same step count (PSNR/SSIM too, "
         "per seed, images in [0, 1]); the plain sampler at equal time is that model's own sampler (DDIM or Euler) "
-        "at the best of the step counts that fit in the method's time (\"k of ≤n\": k steps; n fit). "
+        'at the best of the step counts that fit in the method\'s time ("k of ≤n": k steps; n fit). '
         "Class acc. = digit classifier agrees with the requested class "
         f"(classifier held-out accuracy on real digits: {result['classifier_held_out_accuracy']}). "
         "Peak tensor MB = peak live tensor storage allocated during a one-image run (CFG batch 2); "

@@ -39,7 +39,6 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     seed(args)
-    img_ids, txt_ids = bd.position_ids()
     transformer, conditioning = bd.build_transformer(), bd.ClassConditioning()
 
     def batch_loss(x0, y, gen):
@@ -47,16 +46,7 @@ def main(argv=None) -> None:
         noise = torch.randn(x0.shape, generator=gen)
         xs = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
         text, pooled = conditioning(y)
-        pred = transformer(
-            hidden_states=bd.pack(xs),
-            encoder_hidden_states=text,
-            pooled_projections=pooled,
-            timestep=s,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            return_dict=False,
-        )[0]
-        return F.mse_loss(pred, bd.pack(noise - x0))
+        return F.mse_loss(bd.packed_velocity(transformer, bd.pack(xs), s, text, pooled), bd.pack(noise - x0))
 
     trained = train(args, {"transformer": transformer, "conditioning": conditioning}, bd.NULL_CLASS, batch_loss)
     from safetensors.torch import save_file

@@ -48,6 +48,8 @@ from .schedules import ReuseSchedule
 DEFAULT_MAX_ELEMENTS = 4096
 # Query rows of an attention map probe: the map of a strided subset of queries against every key.
 DEFAULT_PROBE_ROWS = 16
+# First element of the names ``record_attention`` gives: the call's output, or a probe of its map.
+ATTENTION_OUTPUT, ATTENTION_MAP = "output", "map"
 _EPS = 1e-12
 
 
@@ -104,14 +106,27 @@ class ChangeRecorder:
             self._last[name] = (step, sample)
         self._changes.setdefault(step, {})
 
+    def record_features(self, step: int, features, key: tuple = ()) -> None:
+        """An encoder pass's ``EncoderFeatures``: every skip, the middle state and every stream, named after ``key``."""
+        for i, skip in enumerate(features.skips):
+            self.record(step, (*key, "skip", i), skip)
+        self.record(step, (*key, "middle"), features.middle)
+        for name, value in features.streams.items():
+            self.record(step, (*key, "stream", name), value)
+
+    def record_attention(self, step: int, key: tuple, q: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> None:
+        """One attention call (q/k as ``[B, heads, tokens, dim]``): its output and a probe of its map."""
+        self.record(step, (ATTENTION_OUTPUT, *key), out)
+        self.record(step, (ATTENTION_MAP, *key), attention_probe(q, k))
+
     @property
     def steps(self) -> tuple[int, ...]:
         return tuple(sorted(self._samples if self.pairwise else self._changes))
 
-    def names(self) -> set[Hashable]:
-        if self.pairwise:
-            return {name for per_step in self._samples.values() for name in per_step}
-        return set(self._last)
+    def names(self, kind: str | None = None) -> set[Hashable]:
+        """The recorded tensor names; with ``kind`` only ``record_attention``'s of that kind."""
+        names = {n for per_step in self._samples.values() for n in per_step} if self.pairwise else set(self._last)
+        return names if kind is None else {n for n in names if isinstance(n, tuple) and n[:1] == (kind,)}
 
     def drift(self, steps: int, names: Iterable[Hashable] | None = None) -> list[list[float]]:
         """The ``steps`` x ``steps`` drift matrix (``d[i][j]`` for ``i <= j``; the lower triangle is 0).
@@ -169,6 +184,10 @@ class ComputeSteps:
 
     steps: tuple[int, ...]
     cost: float
+
+    def schedule(self, steps: int) -> ReuseSchedule:
+        """As an attention schedule of ``steps`` steps: 1 at the compute steps."""
+        return ReuseSchedule(tuple(int(i in self.steps) for i in range(steps)))
 
 
 def schedule_cost(
@@ -359,5 +378,4 @@ def calibrate(
     computes = optimal_compute_steps(
         attention_drift, budget.compute_steps(steps, attention_reuse_cost), required, weights
     )
-    bits = tuple(1 if i in computes.steps else 0 for i in range(steps))
-    return CalibratedSchedules(steps, keys.steps, keys.cost, ReuseSchedule(bits), computes.cost)
+    return CalibratedSchedules(steps, keys.steps, keys.cost, computes.schedule(steps), computes.cost)

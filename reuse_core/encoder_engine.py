@@ -323,6 +323,17 @@ class EncoderPropagationEngine:
 DIT_PAPER_ENCODER_FRACTION = 18 / 28
 
 
+def check_encoder_fraction(fraction: float) -> float:
+    """``fraction`` if it can split a transformer (strictly between 0 and 1), else a ValueError naming the input."""
+    f = fraction
+    if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 < f < 1.0:
+        raise ValueError(
+            f"encoder_fraction: the share of a transformer's blocks that form the encoder must lie strictly "
+            f"between 0 and 1 (paper: 18/28 = {DIT_PAPER_ENCODER_FRACTION:.3f}), got {f!r}"
+        )
+    return float(f)
+
+
 def encoder_block_count(fraction: float, depth: int) -> int:
     """How many of a transformer's ``depth`` leading blocks form the encoder: ``fraction`` of them, rounded, with
     at least one block on each side of the split."""
@@ -347,12 +358,7 @@ class EncoderPropagationConfig:
     encoder_fraction: float = DIT_PAPER_ENCODER_FRACTION
 
     def __post_init__(self):
-        f = self.encoder_fraction
-        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 < f < 1.0:
-            raise ValueError(
-                f"encoder_fraction: the share of a transformer's blocks that form the encoder must lie strictly "
-                f"between 0 and 1 (paper: 18/28 = {DIT_PAPER_ENCODER_FRACTION:.3f}), got {f!r}"
-            )
+        check_encoder_fraction(self.encoder_fraction)
         m = self.max_decoders_per_batch
         if not isinstance(m, int) or isinstance(m, bool) or m < 1:
             raise ValueError(f"max_decoders_per_batch: must be an integer >= 1, got {m!r}")

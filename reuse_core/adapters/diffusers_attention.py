@@ -167,6 +167,8 @@ class DiffusersAttentionReuse:
         self._original: dict | None = None
         self._timesteps: list[float] | None = None
         self._hook = None
+        # By name: the timestep is the second positional argument of a U-Net but the fourth of a Flux transformer.
+        self._forward_signature = inspect.signature(model.forward)
 
     def set_step(self, step: int | None) -> None:
         """The sampling step of the next U-Net call (None: an evaluation that is not a step's own)."""
@@ -177,8 +179,7 @@ class DiffusersAttentionReuse:
         self._timesteps = [float(t) for t in timesteps]
 
     def _pre_forward(self, module, args, kwargs):
-        # By name: the timestep is the second positional argument of a U-Net but the fourth of a Flux transformer.
-        timestep = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("timestep")
+        timestep = self._forward_signature.bind_partial(*args, **kwargs).arguments.get("timestep")
         t = torch.as_tensor(timestep).flatten()
         if t.numel() and bool((t == t[0]).all()) and float(t[0]) in self._timesteps:
             self.step = self._timesteps.index(float(t[0]))

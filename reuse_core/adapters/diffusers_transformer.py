@@ -43,7 +43,13 @@ _REQUIRED_MODULES = ("x_embedder", "time_text_embed", "context_embedder", "pos_e
 class DiffusersFluxHost:
     """Adapts one ``FluxTransformer2DModel`` to ``EncoderDecoderHost``."""
 
-    def __init__(self, transformer: torch.nn.Module, encoder_blocks: int | None = None):
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        encoder_blocks: int | None = None,
+        encoder_fraction: float = DIT_PAPER_ENCODER_FRACTION,
+    ):
+        """``encoder_blocks``: how many leading blocks form the encoder; by default ``encoder_fraction`` of them."""
         for name in _REQUIRED_MODULES:
             if not hasattr(transformer, name):
                 raise TypeError(
@@ -54,7 +60,7 @@ class DiffusersFluxHost:
         self.blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
         depth = len(self.blocks)
         if encoder_blocks is None:
-            encoder_blocks = encoder_block_count(DIT_PAPER_ENCODER_FRACTION, depth)
+            encoder_blocks = encoder_block_count(encoder_fraction, depth)
         if isinstance(encoder_blocks, bool) or not isinstance(encoder_blocks, int) or not 1 <= encoder_blocks < depth:
             raise ValueError(
                 f"encoder_blocks: must be an integer from 1 to {depth - 1} (this transformer has {depth} blocks: "
