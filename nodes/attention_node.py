@@ -9,8 +9,10 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..reuse_core.attention_engine import AttentionReuseConfig
+from ..reuse_core.forecast import ForecastSpec
 from ..reuse_core.schedules import PHAST_RESULTS, ScheduleSpec
 from .attention_hooks import apply_attention_reuse
+from .encoder_node import forecast_input
 
 CACHE_DEVICE_CHOICES = {"same as model": "model", "cpu": "cpu"}
 PAPER_SCHEDULE = "".join(str(b) for b in PHAST_RESULTS[(20, 10)])
@@ -105,6 +107,7 @@ class AttentionMapReuse(io.ComfyNode):
                     default=False,
                     tooltip="Also log the resolved schedule at the start of each run.",
                 ),
+                forecast_input("attention (mode = output only: a forecast map could have negative weights)"),
             ],
             outputs=[io.Model.Output(tooltip="The patched copy of the model.")],
         )
@@ -122,6 +125,7 @@ class AttentionMapReuse(io.ComfyNode):
         cache_device,
         memory_budget_mb,
         verbose=False,
+        forecast="reuse",
     ) -> io.NodeOutput:
         if cache_device not in CACHE_DEVICE_CHOICES:
             raise ValueError(f"cache_device: must be one of {', '.join(CACHE_DEVICE_CHOICES)}, got {cache_device!r}")
@@ -133,5 +137,6 @@ class AttentionMapReuse(io.ComfyNode):
             targets=attention,
             memory_budget_mb=float(memory_budget_mb),
             cache_device=CACHE_DEVICE_CHOICES[cache_device],
+            forecast=ForecastSpec.from_input(forecast),
         )
         return io.NodeOutput(apply_attention_reuse(model, config, spec, verbose=verbose))

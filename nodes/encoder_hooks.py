@@ -44,7 +44,7 @@ class EncoderPropagationRun:
         self.config = config
         self.plan = config.plan(steps, window)
         step_timesteps = model_sampling.timestep(step_sigmas).float().tolist()
-        self.engine = EncoderPropagationEngine(self.plan, step_timesteps, config.parallel_decoding)
+        self.engine = EncoderPropagationEngine(self.plan, step_timesteps, config.parallel_decoding, config.forecast)
         self.split = split  # transformers only
         self.started = time.perf_counter()
 
@@ -54,8 +54,9 @@ class EncoderPropagationRun:
         injection = self.config.injection
         noise = f", noise injection alpha={injection.alpha} tau={injection.tau}" if injection.enabled else ""
         split = f", {self.split.describe()}" if self.split else ""
+        forecast = f", forecast {self.config.forecast.name}" if self.config.forecast.order else ""
         return (
-            f"{LOG_NAME}: {self.config.key_steps.label}, {self.plan.steps} steps{split}, {mode}{noise}: "
+            f"{LOG_NAME}: {self.config.key_steps.label}, {self.plan.steps} steps{split}, {mode}{noise}{forecast}: "
             f"{self.engine.stats.summary()}, wall {wall:.2f} s"
         )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..reuse_core.encoder_engine import DIT_PAPER_ENCODER_FRACTION, EncoderPropagationConfig
+from ..reuse_core.forecast import FORECASTS, ForecastSpec
 from ..reuse_core.key_steps import ADAPTIVE_DEFAULT_THRESHOLD, PRESETS, KeyStepSpec
 from ..reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjection
 from .encoder_hooks import apply_encoder_propagation
@@ -22,6 +23,18 @@ def encoder_fraction_input(tooltip: str) -> io.Float.Input:
         max=0.95,
         step=0.01,
         tooltip=tooltip,
+    )
+
+
+def forecast_input(what: str) -> io.Combo.Input:
+    """The forecast order, an input of both reuse nodes (appended last: saved workflows keep their values)."""
+    return io.Combo.Input(
+        "forecast",
+        options=list(FORECASTS),
+        default="reuse",
+        tooltip=f"What a step that skips {what} gets. reuse: the last computed value unchanged (the paper). "
+        "linear: extrapolated from the last two computed values (TaylorSeer-style; recommended with light reuse). "
+        "quadratic: from the last three. Until a run has computed enough values, a lower order is used (logged).",
     )
 
 
@@ -132,6 +145,7 @@ class EncoderFeaturePropagation(io.ComfyNode):
                     "much (summed relative L1 change per step) since the last key step. 0 = every step (no reuse); "
                     "higher = fewer key steps, faster, further from the full model. start/end_percent still apply.",
                 ),
+                forecast_input("the encoder (its key steps' features)"),
             ],
             outputs=[io.Model.Output(tooltip="A copy of the model with encoder feature propagation.")],
         )
@@ -151,6 +165,7 @@ class EncoderFeaturePropagation(io.ComfyNode):
         end_percent: float,
         encoder_fraction: float = DIT_PAPER_ENCODER_FRACTION,
         adaptive_threshold: float = ADAPTIVE_DEFAULT_THRESHOLD,
+        forecast: str = "reuse",
     ) -> io.NodeOutput:
         config = EncoderPropagationConfig(
             key_steps=KeyStepSpec.from_inputs(key_steps, uniform_k, custom_key_steps, adaptive_threshold),
@@ -160,5 +175,6 @@ class EncoderFeaturePropagation(io.ComfyNode):
             end_percent=end_percent,
             injection=PriorNoiseInjection(noise_alpha, noise_tau),
             encoder_fraction=encoder_fraction,
+            forecast=ForecastSpec.from_input(forecast),
         )
         return io.NodeOutput(apply_encoder_propagation(model, config))

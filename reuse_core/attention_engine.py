@@ -62,6 +62,7 @@ from .attention_math import (
     to_heads,
     token_count,
 )
+from .forecast import ForecastSpec, extrapolate
 from .schedules import ReuseSchedule
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class AttentionReuseConfig:
     targets: str = "both"
     memory_budget_mb: float = 2048.0
     cache_device: str = "model"
+    forecast: ForecastSpec = field(default_factory=ForecastSpec)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -90,6 +92,12 @@ class AttentionReuseConfig:
             raise ValueError(f"memory_budget_mb: must be >= 0, got {self.memory_budget_mb}")
         if self.cache_device not in CACHE_DEVICES:
             raise ValueError(f"cache_device: must be one of {', '.join(CACHE_DEVICES)}, got {self.cache_device!r}")
+        if self.forecast.order and self.mode != "output":
+            # An extrapolated softmax map can have negative weights and rows that no longer sum to one.
+            raise ValueError(
+                f"forecast: {self.forecast.name} forecasts attention outputs only; set mode to output, or forecast "
+                "to reuse to keep map mode"
+            )
 
     @property
     def budget_bytes(self) -> int:
@@ -116,6 +124,7 @@ class ReuseStats:
     refused: int = 0  # store over budget: not kept
     fresh: int = 0  # intermediate evaluations (step None) and batches that cannot be split by step
     untargeted: int = 0
+    forecast_orders: dict[int, int] = field(default_factory=dict)  # forecasting: reused calls per order used
     steps_reused: set[int] = field(default_factory=set)
     layers: set[Hashable] = field(default_factory=set)
     warned: set[str] = field(default_factory=set)
@@ -177,18 +186,20 @@ class AttentionReuseRun:
     def __init__(self, config: AttentionReuseConfig, schedule: ReuseSchedule):
         self.config = config
         self.schedule = schedule
-        store = schedule.store_steps()
+        history = config.forecast.history
+        store = schedule.store_steps(history)
         self.plan = tuple(
             Action.REUSE if not schedule.computes(i) else Action.STORE if store[i] else Action.COMPUTE
             for i in range(schedule.steps)
         )
-        # per step: the compute step whose attention it uses (itself when it computes)
-        self._sources = tuple(schedule.source_step(i) for i in range(schedule.steps))
+        # per step: the compute steps whose attention it uses, oldest first (the last one is itself when it computes)
+        self._sources = schedule.sources(history)
         device = "cpu" if config.cache_device == "cpu" else None
+        # entries are (call key, step): a forecast keeps several steps of a layer, each counted in the budget
         self.cache = AttentionCache(config.budget_bytes, device=device)
         self.stats = ReuseStats()
-        # step that stored each cache entry: a reuse step may only read what its schedule source step kept
-        self._stored_at: dict[Hashable, int] = {}
+        # steps that stored each call key's entries, oldest first: a reuse step may only read what its sources kept
+        self._stored_at: dict[Hashable, list[int]] = {}
 
     def reset(self) -> None:
         self.cache.reset()
@@ -293,20 +304,33 @@ class AttentionReuseRun:
         # The step itself returns the host's own attention output, so a store step is exactly the unpatched step
         # whatever the backend; the map is an extra product kept for the reuse steps.
         out = fused()
+        # drop what no later step reads (beyond the forecast's history) before the budget check
+        previous = self._stored_at.get(call.key, [])
+        keep = self.config.forecast.history - 1
+        kept = [s for s in previous if s < step][-keep:] if keep else []
+        for old in previous:
+            if old not in kept:
+                cache.discard((call.key, old))
+        entry = (call.key, step)
         if self.config.mode == "output":
-            stored = cache.put(call.key, out)
+            stored = cache.put(entry, out)
+            while not stored and kept:  # over budget: a shorter history (a lower order) before none at all
+                cache.discard((call.key, kept.pop(0)))
+                stored = cache.put(entry, out)
         else:
             qh, kh = call.q_heads(), call.kv_heads(call.k)
             nbytes = qh.shape[0] * qh.shape[1] * qh.shape[2] * kh.shape[2] * call.v.element_size()
-            stored = cache.fits(nbytes, call.key)
+            stored = cache.fits(nbytes, entry)
             if stored:
-                cache.put(call.key, attention_map(qh, kh, mask=call.mask, map_dtype=call.v.dtype))
+                cache.put(entry, attention_map(qh, kh, mask=call.mask, map_dtype=call.v.dtype))
             else:
-                cache.refuse(call.key)
+                cache.refuse(entry)
         if stored:
             stats.stored += 1
-            self._stored_at[call.key] = step
+            self._stored_at[call.key] = [*kept, step]
         else:
+            for old in kept:
+                cache.discard((call.key, old))
             self._stored_at.pop(call.key, None)
             stats.refused += 1
             stats.warn_once(
@@ -320,9 +344,11 @@ class AttentionReuseRun:
         """The reused output, or None (counted and explained once) where nothing usable was kept."""
         # An entry kept at an earlier store step is stale when the source step's forward never reached us
         # (another cache such as EasyCache skipped it): compute rather than reuse older attention.
-        source = self._sources[step]
-        fresh_entry = self._stored_at.get(call.key) == source
-        out = self._reused_output(call) if fresh_entry else None
+        sources = self._sources[step]
+        source = sources[-1]
+        stored = self._stored_at.get(call.key, [])
+        fresh_entry = bool(stored) and stored[-1] == source
+        out = self._reused_output(call, step, sources, stored) if fresh_entry else None
         if out is not None:
             self.stats.reused += 1
             self.stats.steps_reused.add(step)
@@ -341,8 +367,8 @@ class AttentionReuseRun:
         )
         return None
 
-    def _reused_output(self, call: AttentionCall) -> torch.Tensor | None:
-        entry = self.cache.get(call.key, device=call.v.device)
+    def _reused_output(self, call: AttentionCall, step: int, sources, stored) -> torch.Tensor | None:
+        entry = self.cache.get((call.key, stored[-1]), device=call.v.device)
         if entry is None:
             return None
         vh = call.kv_heads(call.v)
@@ -350,10 +376,30 @@ class AttentionReuseRun:
         nq = token_count(call.q, call.layout)
         if self.config.mode == "output":
             expected = (b, h, nq, d) if call.output_layout == "bhnd" else (b, nq, h * d)
-            return entry if tuple(entry.shape) == expected else None
+            if tuple(entry.shape) != expected:
+                return None
+            return self._forecast(call, step, sources, stored) if self.config.forecast.order else entry
         if tuple(entry.shape) != (b, h, nq, nk):
             return None
         return from_heads(reuse_map(entry, vh), call.output_layout)
+
+    def _forecast(self, call: AttentionCall, step: int, sources, stored) -> torch.Tensor:
+        """The forecast of this layer's output at ``step`` from the longest run of its sources that was kept."""
+        used = 0  # how many of the newest sources are kept, in order
+        while used < len(sources) and used < len(stored) and sources[-1 - used] == stored[-1 - used]:
+            used += 1
+        steps = sources[len(sources) - used :]
+        values = [self.cache.get((call.key, s), device=call.v.device) for s in steps]
+        order = used - 1
+        self.stats.forecast_orders[order] = self.stats.forecast_orders.get(order, 0) + 1
+        if order < self.config.forecast.order:
+            self.stats.warn_once(
+                "order",
+                f"attention reuse: forecast {self.config.forecast.name} needs {self.config.forecast.history} "
+                f"compute steps before reuse step {step}; it has {used}, so it uses order {order} "
+                "(counted in the log line, not repeated)",
+            )
+        return extrapolate(steps, values, step)
 
     def summary(self, wall_s: float | None = None) -> str:
         s = self.stats
@@ -364,6 +410,9 @@ class AttentionReuseRun:
             f"{self.config.mode}s memory {mib:.1f} MiB (budget {self.config.memory_budget_mb:g} MB)",
             f"calls reused {s.reused}, stored {s.stored}, computed {s.computed + s.fresh + s.untargeted}",
         ]
+        if s.forecast_orders:
+            orders = ", ".join(f"order {k}: {v}" for k, v in sorted(s.forecast_orders.items()))
+            parts.append(f"forecast {self.config.forecast.name} (calls by order used: {orders})")
         if s.fallbacks or s.refused:
             parts.append(f"fallbacks {s.fallbacks}, refused stores {s.refused}")
         if wall_s is not None:

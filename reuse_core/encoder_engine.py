@@ -70,15 +70,20 @@ latent step ``i`` produces, so an adaptive plan has no decoder batches and every
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .attention_cache import tensor_bytes
+from .forecast import Forecast, ForecastSpec, weighted_sum
 from .key_steps import KeyStepSpec, PropagationPlan, make_plan
 from .noise_injection import PriorNoiseInjection
 from .steps import StepMatch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,32 @@ class EncoderFeatures:
             tile_batch(self.middle, n),
             {name: tile_batch(value, n) for name, value in self.streams.items()},
             self.meta,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(t) for t in (*self.skips, self.middle, *self.streams.values()))
+
+    @staticmethod
+    def weighted_sum(weights: Sequence[float], features: Sequence[EncoderFeatures]) -> EncoderFeatures:
+        """The same weighted sum of every tensor (the forecast of a set of key steps' features)."""
+        last = features[-1]
+        return EncoderFeatures(
+            tuple(weighted_sum(weights, [f.skips[i] for f in features]) for i in range(len(last.skips))),
+            weighted_sum(weights, [f.middle for f in features]),
+            {name: weighted_sum(weights, [f.streams[name] for f in features]) for name in last.streams},
+            last.meta,
+        )
+
+    @staticmethod
+    def cat(blocks: Sequence[EncoderFeatures]) -> EncoderFeatures:
+        """The features of several steps as one batch, laid out as blocks of rows in the given order."""
+        first = blocks[0]
+        return EncoderFeatures(
+            tuple(torch.cat([b.skips[i] for b in blocks]) for i in range(len(first.skips))),
+            torch.cat([b.middle for b in blocks]),
+            {name: torch.cat([b.streams[name] for b in blocks]) for name in first.streams},
+            first.meta,
         )
 
 
@@ -152,26 +183,44 @@ class PropagationStats:
     decoder_batches: int = 0
     decoded_steps: int = 0
     largest_batch: int = 0
+    # forecasting (order >= 1): decoded steps per order actually used, and the peak bytes of the kept key-step features
+    forecast_orders: dict[int, int] = field(default_factory=dict)
+    history_peak_bytes: int = 0
+
+    def count_forecast(self, order: int) -> None:
+        self.forecast_orders[order] = self.forecast_orders.get(order, 0) + 1
 
     def summary(self) -> str:
         calls = self.full_passes + self.encoder_passes_saved
-        return (
+        text = (
             f"key steps {sorted(self.full_steps)}, encoder passes saved {self.encoder_passes_saved}/{calls} calls, "
             f"decoder batches {self.decoder_batches} ({self.decoded_steps} steps decoded, largest batch "
             f"{self.largest_batch}, {self.stored_predictions_used} served from parallel decoding)"
         )
+        if self.forecast_orders:
+            orders = ", ".join(f"order {k}: {v}" for k, v in sorted(self.forecast_orders.items()))
+            text += f", forecasts by order ({orders}), kept features {self.history_peak_bytes / 2**20:.1f} MiB"
+        return text
 
 
 class EncoderPropagationEngine:
     """Per-run state of encoder propagation: feature cache, parallel-decoded predictions, stats."""
 
-    def __init__(self, plan: PropagationPlan, step_timesteps: Sequence[float], parallel: bool = True):
+    def __init__(
+        self,
+        plan: PropagationPlan,
+        step_timesteps: Sequence[float],
+        parallel: bool = True,
+        forecast: ForecastSpec | None = None,
+    ):
         if len(step_timesteps) < plan.steps:
             raise ValueError(f"step_timesteps: need one timestep per step ({plan.steps}), got {len(step_timesteps)}")
         self.plan = plan
         self.step_timesteps = [float(t) for t in step_timesteps]
         self.parallel = parallel
-        self._features: dict[Hashable, EncoderFeatures] = {}
+        self.forecast = forecast or ForecastSpec()
+        # per cache key: the last key steps' features (one at order 0, the papers' reuse), forecast at decoded steps
+        self._features: dict[Hashable, Forecast[EncoderFeatures]] = {}
         # step whose full pass produced each cache entry: detects key steps that never reached the engine
         self._features_step: dict[Hashable, int] = {}
         self._predictions: dict[tuple[Hashable, int], torch.Tensor] = {}
@@ -180,6 +229,7 @@ class EncoderPropagationEngine:
         self._last_input: dict[Hashable, torch.Tensor] = {}
         self._change_sum: dict[Hashable, float] = {}
         self._refresh: dict[tuple[Hashable, int], bool] = {}
+        self._warned: set[str] = set()
         self.stats = PropagationStats()
 
     def reset(self) -> None:
@@ -189,6 +239,7 @@ class EncoderPropagationEngine:
         self._last_input.clear()
         self._change_sum.clear()
         self._refresh.clear()
+        self._warned.clear()
         self.stats = PropagationStats()
 
     def observe_input(self, step: StepMatch | None, cache_key: Hashable, x: torch.Tensor) -> None:
@@ -226,7 +277,14 @@ class EncoderPropagationEngine:
             return False
         if not step.exact and cache_key in self._features:
             return False  # intermediate evaluations never replace the key step's cache
+        if self.forecast.order and self._decoded_later(step.index):
+            return True  # a forecast reads earlier key steps too, not only the last one before a decoded step
         return not self.plan.is_full(step.index + 1) or not self.plan.is_full(step.index)
+
+    def _decoded_later(self, step: int) -> bool:
+        if self.plan.adaptive_threshold is not None:
+            return step + 1 < self.plan.steps
+        return any(not self.plan.is_full(j) for j in range(step + 1, self.plan.steps))
 
     # Bookkeeping after a full pass -------------------------------------------------------------------
     def record_full_pass(self, step: StepMatch | None, cache_key: Hashable, features: EncoderFeatures | None) -> None:
@@ -242,8 +300,43 @@ class EncoderPropagationEngine:
                 self._features.pop(cache_key, None)
                 self._features_step.pop(cache_key, None)
             else:
-                self._features[cache_key] = features
+                history = self._features.setdefault(
+                    cache_key, Forecast(self.forecast.order, EncoderFeatures.weighted_sum)
+                )
+                if not step.exact:
+                    history.clear()  # an intermediate evaluation's features only stand in until a key step
+                history.push(self._time(step.index), features)
                 self._features_step[cache_key] = step.index
+                if self.forecast.order:
+                    kept = sum(f.nbytes for h in self._features.values() for f in h.values)
+                    self.stats.history_peak_bytes = max(self.stats.history_peak_bytes, kept)
+
+    def cached_features(self, cache_key: Hashable) -> EncoderFeatures | None:
+        """The last key step's features kept for ``cache_key`` (None when nothing is kept)."""
+        history = self._features.get(cache_key)
+        return history.values[-1] if history else None
+
+    def _time(self, step: int) -> float:
+        """The forecast's time variable at ``step`` (``reuse_core.forecast``)."""
+        if self.forecast.time == "timestep":
+            return self.step_timesteps[min(step, len(self.step_timesteps) - 1)]
+        return float(step)
+
+    def _features_at(self, cache_key: Hashable, step: int) -> EncoderFeatures:
+        """The features a decoder-only ``step`` runs on: the last key step's, or their forecast at ``step``."""
+        history = self._features[cache_key]
+        if not self.forecast.order:
+            return history.values[-1]
+        used = history.order_used()
+        self.stats.count_forecast(used)
+        if used < self.forecast.order and "order" not in self._warned:
+            self._warned.add("order")
+            logger.info(
+                "Encoder Feature Propagation: forecast %s needs %d key steps before a decoded step; step %d has %d, "
+                "so it uses order %d (counted in the log line; not repeated this run)",
+                self.forecast.name, self.forecast.history, step, len(history), used,
+            )
+        return history.at(self._time(step))
 
     # Decoder-only steps ------------------------------------------------------------------------------
     def decode_step(
@@ -258,7 +351,6 @@ class EncoderPropagationEngine:
         **extra: Any,
     ) -> torch.Tensor:
         """Prediction at a decoder-only step from the cached features (stored, sequential or batched)."""
-        features = self._features[cache_key]
         self.stats.encoder_passes_saved += 1
         if step.exact and batchable:
             stored = self._predictions.get((cache_key, step.index))
@@ -270,14 +362,18 @@ class EncoderPropagationEngine:
         self.stats.decoded_steps += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         if len(batch) == 1:
-            return host.decode(features, timesteps, context, **extra)
-        n, rows = len(batch), features.batch_size
+            return host.decode(self._features_at(cache_key, step.index), timesteps, context, **extra)
+        n, rows = len(batch), self._features[cache_key].values[-1].batch_size
         if timesteps.shape[0] != rows:
             raise ValueError(f"timesteps: expected one per row of the cached batch ({rows}), got {timesteps.shape[0]}")
         # The current step uses the call's own timesteps; later steps use the schedule's (same values).
         all_timesteps = torch.cat([timesteps] + [torch.full_like(timesteps, self.step_timesteps[j]) for j in batch[1:]])
         batched_extra = {name: tile_rows(value, n, rows) for name, value in extra.items()}
-        tiled = replace(features.tile(n), steps=tuple(batch))
+        if self.forecast.order:  # each decoded step gets its own forecast
+            stacked = EncoderFeatures.cat([self._features_at(cache_key, j) for j in batch])
+        else:
+            stacked = self._features_at(cache_key, step.index).tile(n)
+        tiled = replace(stacked, steps=tuple(batch))
         out = host.decode(tiled, all_timesteps, tile_rows(context, n, rows), **batched_extra)
         chunks = out.split(rows)
         if len(chunks) != n:
@@ -356,6 +452,7 @@ class EncoderPropagationConfig:
     end_percent: float = 1.0
     injection: PriorNoiseInjection = field(default_factory=PriorNoiseInjection)
     encoder_fraction: float = DIT_PAPER_ENCODER_FRACTION
+    forecast: ForecastSpec = field(default_factory=ForecastSpec)
 
     def __post_init__(self):
         check_encoder_fraction(self.encoder_fraction)

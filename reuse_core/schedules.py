@@ -93,10 +93,25 @@ class ReuseSchedule:
             step -= 1
         return step
 
-    def store_steps(self) -> tuple[bool, ...]:
-        """Per step: must this compute step materialise its maps (or keep its output) for a later reuse?"""
-        n = len(self.bits)
-        return tuple(self.bits[i] == 1 and i + 1 < n and self.bits[i + 1] == 0 for i in range(n))
+    def sources(self, history: int = 1) -> tuple[tuple[int, ...], ...]:
+        """Per step: the last ``history`` compute steps at or before it, oldest first (fewer near the start);
+        a reuse step forecasts from them (``reuse_core.forecast``), the last one is ``source_step``."""
+        out, last = [], ()
+        for i, bit in enumerate(self.bits):
+            if bit:
+                last = (*last, i)[-history:]
+            out.append(last)
+        return tuple(out)
+
+    def store_steps(self, history: int = 1) -> tuple[bool, ...]:
+        """Per step: must this compute step materialise its maps (or keep its output) for a later reuse? With
+        ``history`` > 1 (a forecast), also the compute steps a later reuse step forecasts from."""
+        store = [False] * len(self.bits)
+        for bit, sources in zip(self.bits, self.sources(history), strict=True):
+            if not bit:
+                for i in sources:
+                    store[i] = True
+        return tuple(store)
 
     def __str__(self) -> str:
         return "".join(str(b) for b in self.bits)

@@ -213,11 +213,11 @@ def test_intermediate_evaluations_decode_at_their_own_timestep_and_keep_the_cach
     call(StepMatch(0, True), 900.0)  # key step: full pass, features kept (step 1 reuses)
     assert host.captures == [True]
     mid = call(StepMatch(1, False), 850.0)  # intermediate evaluation inside decoder-only step 1
-    features = engine._features["k"]
+    features = engine.cached_features("k")
     torch.testing.assert_close(mid, host.decode(features, torch.full((2,), 850.0), ctx), rtol=0, atol=0)
     assert engine._predictions == {}  # intermediate calls never launch or use parallel batches
     call(StepMatch(0, False), 880.0)  # intermediate evaluation inside key step 0: full, cache untouched
-    assert host.encodes == 2 and engine._features["k"] is features
+    assert host.encodes == 2 and engine.cached_features("k") is features
     call(StepMatch(1, True), 800.0)  # exact decoder-only step: launches the batch (1, 2, 3)
     assert sorted(j for _, j in engine._predictions) == [2, 3]
 
