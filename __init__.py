@@ -2,8 +2,8 @@
 
 Only ``comfy_entrypoint`` is exported: ComfyUI's loader ignores the V3 entry point of a
 pack that also exports ``NODE_CLASS_MAPPINGS``. The node modules are imported when ComfyUI
-calls the entry point, so importing this package outside ComfyUI (pytest collects the repo
-root as a package) does not need ``comfy_api``.
+calls the entry point, so importing this package outside ComfyUI (a tool or a test; pytest
+itself never imports this file, ``tests/conftest.py``) does not need ``comfy_api``.
 
 An unsupported ComfyUI gets one message, no traceback (``nodes.comfy_version``). The entry point raises it:
 ComfyUI logs an exception from ``comfy_entrypoint`` as that one line (one from the package import comes with
@@ -16,7 +16,7 @@ import sys
 
 from .nodes.comfy_version import has_v3_api, require_supported_comfyui, unsupported_reason
 
-if "comfy" in sys.modules and not has_v3_api():  # an old ComfyUI, not pytest collecting the repository
+if "comfy" in sys.modules and not has_v3_api():  # an old ComfyUI, not an import outside ComfyUI
     logging.error(unsupported_reason())
 
 

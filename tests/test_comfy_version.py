@@ -110,7 +110,7 @@ def test_import_logs_the_message_where_the_loader_predates_the_entry_point(fake_
 
 def test_import_outside_comfyui_checks_nothing(fake_comfyui, pack, monkeypatch, caplog):
     fake_comfyui(None, v3_api=False)
-    monkeypatch.delitem(sys.modules, "comfy")  # pytest collecting the repository root
+    monkeypatch.delitem(sys.modules, "comfy")  # a tool or a test importing the pack outside ComfyUI
     with caplog.at_level(logging.ERROR):
         assert callable(pack().comfy_entrypoint)
     assert caplog.records == []
