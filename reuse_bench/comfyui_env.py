@@ -89,11 +89,13 @@ def standins_needed() -> tuple[str, ...]:
 
 
 @cache
-def import_comfy(explicit: str | os.PathLike | None = None, *, fused_attention: bool = False):
+def import_comfy(explicit: str | os.PathLike | None = None, *, fused_attention: bool = False, cpu: bool = True):
     """Import ComfyUI in CPU mode (once per process) and return the ``comfy`` package.
 
     ``fused_attention``: use PyTorch SDPA (what GPU users get) instead of ComfyUI's CPU default (sub-quadratic):
     the bench times against it. It is fixed at ComfyUI's import, so a second call asking otherwise warns.
+    ``cpu=False`` lets ComfyUI pick its device as it does when started (``reuse_bench.gpu_check`` on a GPU); like
+    the attention, it is fixed at the first import.
     """
     if "comfy.model_patcher" in sys.modules:
         import comfy
@@ -117,7 +119,7 @@ def import_comfy(explicit: str | os.PathLike | None = None, *, fused_attention: 
         sys.path.insert(0, str(root))
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     comfy.cli_args.args.use_pytorch_cross_attention = fused_attention
     if not comfy.cli_args.args.base_directory:
         # folder_paths creates <base>/input at import; by default <base> is the (read-only, upstream) tree.
