@@ -26,6 +26,7 @@ from reuse_core.calibration import (
     sigma_step_weights,
 )
 from reuse_core.encoder_engine import EncoderPropagationConfig, EncoderPropagationEngine
+from reuse_core.forecast import ForecastSpec
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjection
 from reuse_core.schedules import ReuseSchedule, hurry
@@ -86,7 +87,9 @@ class EncoderPropagationPredictor(StepPredictor):
 
     def begin(self, timesteps):
         plan = self.config.plan(len(timesteps))
-        self.engine = EncoderPropagationEngine(plan, timesteps.tolist(), parallel=self.config.parallel_decoding)
+        self.engine = EncoderPropagationEngine(
+            plan, timesteps.tolist(), parallel=self.config.parallel_decoding, forecast=self.config.forecast
+        )
 
     def predict(self, step, x, t, context):
         timesteps = t.expand(x.shape[0])
@@ -286,39 +289,53 @@ class Method:
     batch_dependent: bool = False
 
 
-def attention_config(mode: str) -> AttentionReuseConfig:
+def attention_config(mode: str, forecast: int = 0) -> AttentionReuseConfig:
     """The attention-reuse settings of every bench row and of the PHAST search (so the two never drift apart)."""
-    return AttentionReuseConfig(mode=mode, targets="both", memory_budget_mb=4096)
+    return AttentionReuseConfig(mode=mode, targets="both", memory_budget_mb=4096, forecast=ForecastSpec(forecast))
+
+
+def forecast_label(order: int) -> str:
+    """A row name's suffix: nothing for reuse (the rows the bench had before forecasting), else the forecast."""
+    return f", forecast {ForecastSpec(order).name}" if order else ""
 
 
 def reference(steps: int) -> Method:
     return Method(f"DDIM {steps} (full compute)", "reference", steps, StepPredictor, {"steps": steps})
 
 
-def attention_method(name: str, steps: int, schedule: ReuseSchedule, mode: str) -> Method:
-    config = attention_config(mode)
+def attention_method(name: str, steps: int, schedule: ReuseSchedule, mode: str, forecast: int = 0) -> Method:
+    config = attention_config(mode, forecast)
     return Method(
-        f"{name}, {mode}",
+        f"{name}, {mode}{forecast_label(forecast)}",
         "attention",
         steps,
         lambda m: AttentionReusePredictor(m, config, schedule),
-        {"schedule": str(schedule), "mode": mode},
+        {"schedule": str(schedule), "mode": mode, "forecast": ForecastSpec(forecast).name},
     )
 
 
-def encoder_method(name: str, steps: int, keys: KeyStepSpec, parallel: bool, injection: bool = True) -> Method:
+def encoder_method(
+    name: str, steps: int, keys: KeyStepSpec, parallel: bool, injection: bool = True, forecast: int = 0
+) -> Method:
     config = EncoderPropagationConfig(
         key_steps=keys,
         parallel_decoding=parallel,
         injection=PriorNoiseInjection(PAPER_ALPHA if injection else 0.0, PAPER_TAU),
+        forecast=ForecastSpec(forecast),
     )
     label = f"{name}, parallel {'on' if parallel else 'off'}" + ("" if injection else ", no injection")
+    label += forecast_label(forecast)
     return Method(
         label,
         "encoder",
         steps,
         lambda m: EncoderPropagationPredictor(m, config),
-        {"key_steps": list(keys.key_steps(steps)), "parallel": parallel, "injection": injection},
+        {
+            "key_steps": list(keys.key_steps(steps)),
+            "parallel": parallel,
+            "injection": injection,
+            "forecast": config.forecast.name,
+        },
     )
 
 

@@ -23,12 +23,20 @@ from reuse_core.adapters.diffusers_transformer import DiffusersFluxHost
 from reuse_core.attention_engine import AttentionReuseConfig
 from reuse_core.calibration import ChangeRecorder
 from reuse_core.encoder_engine import EncoderPropagationConfig, EncoderPropagationEngine
+from reuse_core.forecast import ForecastSpec
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.schedules import ReuseSchedule
 from reuse_core.steps import StepMatch
 
 from .builtin_dit import DEFAULT_GUIDANCE, DEFAULT_STEPS, BuiltinDiT, pack, position_ids, unpack
-from .methods import Method, attention_config, install_attention_reuse, recording_adapter, remove_attention_reuse
+from .methods import (
+    Method,
+    attention_config,
+    forecast_label,
+    install_attention_reuse,
+    recording_adapter,
+    remove_attention_reuse,
+)
 from .sampling_dit import DiTPredictor, DiTSampleSpec, sample_dit
 
 MODEL = "DiT"
@@ -45,7 +53,9 @@ class EncoderPropagationDiTPredictor(DiTPredictor):
 
     def begin(self, sigmas):
         plan = self.config.plan(len(sigmas) - 1)
-        self.engine = EncoderPropagationEngine(plan, sigmas[:-1].tolist(), parallel=self.config.parallel_decoding)
+        self.engine = EncoderPropagationEngine(
+            plan, sigmas[:-1].tolist(), parallel=self.config.parallel_decoding, forecast=self.config.forecast
+        )
 
     def predict(self, step, x, sigma, text, pooled):
         out = self.engine.predict(
@@ -390,10 +400,10 @@ def reference(steps: int) -> Method:
     return Method(_label(f"Euler {steps} (full compute)"), "reference", steps, DiTPredictor, {"steps": steps})
 
 
-def encoder_method(name: str, steps: int, keys: KeyStepSpec, parallel: bool = True) -> Method:
-    config = EncoderPropagationConfig(key_steps=keys, parallel_decoding=parallel)
+def encoder_method(name: str, steps: int, keys: KeyStepSpec, parallel: bool = True, forecast: int = 0) -> Method:
+    config = EncoderPropagationConfig(key_steps=keys, parallel_decoding=parallel, forecast=ForecastSpec(forecast))
     return Method(
-        _label(f"{name}, parallel {'on' if parallel else 'off'}"),
+        _label(f"{name}, parallel {'on' if parallel else 'off'}{forecast_label(forecast)}"),
         "encoder",
         steps,
         lambda m: EncoderPropagationDiTPredictor(m, config),
@@ -402,18 +412,19 @@ def encoder_method(name: str, steps: int, keys: KeyStepSpec, parallel: bool = Tr
             "parallel": parallel,
             "injection": False,
             "encoder_fraction": config.encoder_fraction,
+            "forecast": config.forecast.name,
         },
     )
 
 
-def attention_method(name: str, steps: int, schedule: ReuseSchedule, mode: str) -> Method:
-    config = attention_config(mode)
+def attention_method(name: str, steps: int, schedule: ReuseSchedule, mode: str, forecast: int = 0) -> Method:
+    config = attention_config(mode, forecast)
     return Method(
-        _label(f"{name}, {mode}"),
+        _label(f"{name}, {mode}{forecast_label(forecast)}"),
         "attention",
         steps,
         lambda m: AttentionReuseDiTPredictor(m, config, schedule),
-        {"schedule": str(schedule), "mode": mode},
+        {"schedule": str(schedule), "mode": mode, "forecast": ForecastSpec(forecast).name},
     )
 
 

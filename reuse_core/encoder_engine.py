@@ -319,7 +319,8 @@ class EncoderPropagationEngine:
     def _time(self, step: int) -> float:
         """The forecast's time variable at ``step`` (``reuse_core.forecast``)."""
         if self.forecast.time == "timestep":
-            return self.step_timesteps[min(step, len(self.step_timesteps) - 1)]
+            # negated: timesteps fall as the run goes on, and a history restarts when time goes back
+            return -self.step_timesteps[min(step, len(self.step_timesteps) - 1)]
         return float(step)
 
     def _features_at(self, cache_key: Hashable, step: int) -> EncoderFeatures:

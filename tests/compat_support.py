@@ -477,3 +477,11 @@ METHOD_IDS = [m.id for m in METHODS]
 # One per node: the "method off" configuration does not depend on mode / parallel decoding.
 NODE_METHODS = (METHODS[0], METHODS[2])
 NODE_METHOD_IDS = [m.id for m in NODE_METHODS]
+
+# Forecasting (``forecast = linear``) on the matrix's settings: attention forecasts outputs only (map mode refuses it).
+FORECAST_METHODS = (
+    Method("attn-output-linear", "AttentionMapReuse", dict(mode="output", forecast="linear")),
+    Method("enc-parallel-linear", "EncoderFeaturePropagation", dict(parallel_decoding=True, forecast="linear")),
+    Method("enc-sequential-linear", "EncoderFeaturePropagation", dict(parallel_decoding=False, forecast="linear")),
+)
+FORECAST_METHOD_IDS = [m.id for m in FORECAST_METHODS]

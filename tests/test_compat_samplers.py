@@ -19,6 +19,8 @@ import pytest
 import torch
 from comfy_harness import conditioning, sample
 from compat_support import (
+    FORECAST_METHOD_IDS,
+    FORECAST_METHODS,
     METHOD_IDS,
     METHODS,
     NODE_METHOD_IDS,
@@ -96,6 +98,40 @@ def check_patched_run(method, model, ref_traj: Trajectory, *, steps_run: int, ru
 def test_every_sampler(sd15, method, sampler):
     _, ref = reference(sd15, ("ks", sampler), steps=STEPS, sampler=sampler)
     check_patched_run(method, sd15, ref, steps_run=STEPS, steps=STEPS, sampler=sampler)
+
+
+@pytest.mark.parametrize("method", FORECAST_METHODS, ids=FORECAST_METHOD_IDS)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_with_a_linear_forecast(sd15, method, sampler):
+    """``forecast = linear``: the same schedule and first altered step as reuse, and a forecast really made (uniform
+    k=3 on 6 steps: steps 4-5 have two key steps behind them; hurry 2 of 6: steps 4-5 have four compute steps)."""
+    _, ref = reference(sd15, ("ks", sampler), steps=STEPS, sampler=sampler)
+    out, stats = check_patched_run(method, sd15, ref, steps_run=STEPS, steps=STEPS, sampler=sampler)
+    assert stats.stats.forecast_orders.get(1, 0) > 0, stats.stats
+    reused = sample(method.apply(sd15, forecast="reuse"), steps=STEPS, sampler=sampler)
+    assert not torch.equal(out, reused), "forecast linear gave the reuse output"
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m"])
+def test_linear_forecast_parallel_decoding_equals_sequential(sd15, sampler):
+    """Within 1e-4 of the output's scale, or (heun, whose second evaluations amplify the last-bit differences of a
+    batch-4 against a batch-2 convolution) within twice what reuse itself shows between the two."""
+
+    def difference(forecast: str) -> float:
+        parallel, sequential = (
+            sample(m.apply(sd15, forecast=forecast), steps=STEPS, sampler=sampler) for m in FORECAST_METHODS[1:]
+        )
+        return max_abs_diff(parallel, sequential) / float(sequential.abs().max())
+
+    assert difference("linear") <= max(1e-4, 2 * difference("reuse"))
+
+
+@pytest.mark.parametrize("method", NODE_METHODS, ids=NODE_METHOD_IDS)
+def test_forecast_reuse_is_the_node_without_the_input(sd15, method):
+    """A workflow saved before the input existed (no ``forecast``) and ``forecast = reuse`` sample bit-identically."""
+    inputs = {k: v for k, v in method.inputs.items() if k != "forecast"}
+    before = sample(method.node().execute(model=sd15, **inputs).result[0], steps=STEPS)
+    assert torch.equal(sample(method.apply(sd15, forecast="reuse"), steps=STEPS), before)
 
 
 @pytest.mark.parametrize("method", NODE_METHODS, ids=NODE_METHOD_IDS)
