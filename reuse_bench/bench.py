@@ -41,6 +41,10 @@ from .sampling_dit import DiTSampleSpec, sample_dit
 ATTENTION_STEPS, ATTENTION_REUSE = 20, 10
 ENCODER_STEPS = 50
 DIT_ATTENTION_REUSE = DIT_STEPS // 2  # HURRY with half the steps reused, as the U-Net rows (10 of 20)
+# The forecast rows' order: linear (quadratic measured below it on both models, docs/benchmarks.md#forecasting).
+FORECAST = 1
+# Light attention reuse (a few late steps, where the attention output changes least) for the forecast rows.
+LIGHT_ATTENTION_REUSE = 4
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,28 @@ def calibrated_rows(method_module, calibrated: dict, encoder_steps: int, attenti
     ]  # fmt: skip
 
 
+def forecast_rows(method_module, encoder_presets, encoder_steps: int, attention_schedules, attention_steps: int):
+    """The forecast twin of each reuse row: the same key steps or schedule, ``forecast = linear``."""
+    rows = [
+        method_module.encoder_method(name, encoder_steps, keys, parallel=True, forecast=FORECAST)
+        for name, keys in encoder_presets
+        if keys.preset != "one_pass"  # one key step: nothing to forecast from
+    ]
+    rows += [
+        method_module.attention_method(name, attention_steps, schedule, "output", forecast=FORECAST)
+        for name, schedule in attention_schedules
+    ]
+    return rows
+
+
+def light_attention_rows(method_module, steps: int) -> list:
+    """Attention reuse at a few steps (the PHAST preset's choice of them), reuse and forecast: light reuse is where
+    reuse can beat running fewer steps."""
+    schedule = phast_preset(steps, LIGHT_ATTENTION_REUSE)
+    name = f"Attention reuse PHAST preset r={LIGHT_ATTENTION_REUSE}"
+    return [method_module.attention_method(name, steps, schedule, "output", forecast=f) for f in (0, FORECAST)]
+
+
 def build_methods(phast: dict[str, dict], calibrated: dict, quick: bool = False) -> list[M.Method]:
     """Every U-Net row of the full run; ``quick`` keeps one row per setting that the README table needs."""
     a_steps, e_steps = ATTENTION_STEPS, ENCODER_STEPS
@@ -170,6 +196,12 @@ def build_methods(phast: dict[str, dict], calibrated: dict, quick: bool = False)
         )
         rows.append(M.encoder_method("Encoder propagation paper preset (scaled)", a_steps, KeyStepSpec("paper"), True))
     rows += calibrated_rows(M, calibrated, e_steps, a_steps, ATTENTION_REUSE)
+    attention_schedules = [
+        (f"Attention reuse HURRY r={ATTENTION_REUSE}", hurry(a_steps, ATTENTION_REUSE)),
+        ("Attention reuse PHAST searched", parse_bits(phast["output"]["schedule"])),
+    ]
+    rows += forecast_rows(M, presets, e_steps, attention_schedules, a_steps)
+    rows += light_attention_rows(M, a_steps)
     rows.append(M.combined_method(a_steps, KeyStepSpec("paper"), parse_bits(phast["output"]["schedule"]), "output"))
     if not quick:
         rows.append(M.combined_method(a_steps, KeyStepSpec("paper"), parse_bits(phast["map"]["schedule"]), "map"))
@@ -186,7 +218,7 @@ def build_dit_methods(calibrated: dict, quick: bool = False) -> list[M.Method]:
     steps = DIT_STEPS
     rows = [MD.reference(steps)]
     presets = [("Encoder propagation paper preset", KeyStepSpec("paper"))]
-    presets += [(f"Encoder propagation uniform k={k}", KeyStepSpec("uniform", k=k)) for k in (2, 4)]
+    presets += [(f"Encoder propagation uniform k={k}", KeyStepSpec("uniform", k=k)) for k in (2, 3, 4)]
     for name, keys in presets:
         rows.append(MD.encoder_method(name, steps, keys, parallel=True))
     if not quick:
@@ -195,6 +227,9 @@ def build_dit_methods(calibrated: dict, quick: bool = False) -> list[M.Method]:
         schedule = hurry(steps, DIT_ATTENTION_REUSE)
         rows.append(MD.attention_method(f"Attention reuse HURRY r={DIT_ATTENTION_REUSE}", steps, schedule, mode))
     rows += calibrated_rows(MD, calibrated, steps, steps, DIT_ATTENTION_REUSE)
+    attention_schedules = [(f"Attention reuse HURRY r={DIT_ATTENTION_REUSE}", hurry(steps, DIT_ATTENTION_REUSE))]
+    rows += forecast_rows(MD, presets, steps, attention_schedules, steps)
+    rows += light_attention_rows(MD, steps)
     return rows + MD.peer_methods(steps, quick)
 
 
@@ -209,6 +244,8 @@ class Subject:
     one_image_spec: Callable[[int], object]
     sample: Callable[[object, object], torch.Tensor]  # (spec, predictor or None) -> images
     sampler: str
+    # per reference step count: the plain sampler's mean PSNR at each fewer step count measured (filled by _measure)
+    fewer_steps: dict[int, dict[int, float]] = field(default_factory=dict)
 
     def run(self, spec, method: M.Method):
         predictor = method.make(self.model)
@@ -345,6 +382,9 @@ def _measure(subject: Subject, settings: BenchSettings, classifier: DigitClassif
                 best = max(by_steps, key=by_steps.get)
                 result["equal_time_best_steps"], result["equal_time_ddim_psnr_mean"] = best, by_steps[best]
         row.result = result
+    # The fewer-steps curve the plot draws each method against: every step count sampled above, per reference.
+    for (n, reference_steps), value in sorted(fewer_psnr.items()):
+        subject.fewer_steps.setdefault(reference_steps, {})[n] = value
 
 
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = print, progress_factory=None) -> dict:
@@ -399,5 +439,6 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print, progr
         "phast": phast,
         "calibrated": calibrated,
         "rows": [r.result for r in rows],
+        "fewer_steps": {s.label: s.fewer_steps for s in subjects},
         "_images": {r.result["method"] + f" [{r.method.steps}]": r.images for r in rows},
     }

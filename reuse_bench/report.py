@@ -87,6 +87,14 @@ def markdown(result: dict) -> str:
             + "; ".join(not_better)
             + "."
         )
+    gains = forecast_gains(result["rows"])
+    if gains:
+        lines.append("")
+        lines.append(
+            "Forecast linear against reuse at the same schedule (mean PSNR, dB): "
+            + "; ".join(f"{name}: {old:.1f} -> {new:.1f} ({new - old:+.1f})" for name, old, new in gains)
+            + "."
+        )
     lines.append("")
     lines.append(
         "PHAST schedules: "
@@ -97,6 +105,19 @@ def markdown(result: dict) -> str:
         + "."
     )
     return "\n".join(lines) + "\n"
+
+
+def forecast_gains(rows: list[dict]) -> list[tuple[str, float, float]]:
+    """(reuse row name, its PSNR, its forecast twin's PSNR) for every forecast row whose reuse twin is in the run."""
+    suffix = ", forecast "
+    by_name = {(r.get("model"), r["steps"], r["method"]): r for r in rows}
+    gains = []
+    for r in rows:
+        if suffix in r["method"]:
+            twin = by_name.get((r.get("model"), r["steps"], r["method"].split(suffix)[0]))
+            if twin is not None:
+                gains.append((twin["method"], twin["psnr_mean"], r["psnr_mean"]))
+    return gains
 
 
 def write_json(result: dict, path: Path) -> None:
@@ -157,9 +178,16 @@ def plot_png(result: dict, path: Path) -> None:
         plain = "Euler" if model == "DiT" else "DDIM"
         finite = [r["psnr_mean"] for r in rows if math.isfinite(r["psnr_mean"])]
         cap = max([*finite, 40.0]) + 5
+        # The plain sampler's fewer-steps curve (speed-up of n steps = steps / n): what a method has to beat.
+        curve = (result.get("fewer_steps", {}).get(model) or {}).get(steps) or {}
+        points = sorted((steps / int(n), v) for n, v in curve.items() if math.isfinite(v))
+        if points:
+            ax.plot(*zip(*points, strict=True), color="black", lw=0.8, ls="--", label=f"{plain}, fewer steps")
         for r in rows:
             y = r["psnr_mean"] if math.isfinite(r["psnr_mean"]) else cap
-            ax.scatter(1 / r["time_ratio"], y, color=colours[r["family"]], s=30)
+            forecast = r["settings"].get("forecast", "reuse") != "reuse"
+            ax.scatter(1 / r["time_ratio"], y, color=colours[r["family"]], s=40 if forecast else 30,
+                       marker="D" if forecast else "o", edgecolors="black" if forecast else "none")  # fmt: skip
             ax.annotate(
                 r["method"].replace("Encoder propagation", "EP").replace("Attention reuse", "AR").removeprefix("DiT: "),
                 (1 / r["time_ratio"], y),
@@ -176,7 +204,8 @@ def plot_png(result: dict, path: Path) -> None:
         ax.set_ylabel("PSNR vs reference, dB (mean over seeds)")
         for family, colour in colours.items():
             ax.scatter([], [], color=colour, label=family)
-        ax.scatter([], [], color="black", marker="x", label=f"fewer-step {plain}")
+        ax.scatter([], [], color="white", edgecolors="black", marker="D", label="forecast linear (diamond)")
+        ax.scatter([], [], color="black", marker="x", label=f"fewer-step {plain} at the method's time")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -305,7 +305,7 @@ class EncoderPropagationEngine:
                 )
                 if not step.exact:
                     history.clear()  # an intermediate evaluation's features only stand in until a key step
-                history.push(self._time(step.index), features)
+                history.push(step.index, features)
                 self._features_step[cache_key] = step.index
                 if self.forecast.order:
                     kept = sum(f.nbytes for h in self._features.values() for f in h.values)
@@ -315,13 +315,6 @@ class EncoderPropagationEngine:
         """The last key step's features kept for ``cache_key`` (None when nothing is kept)."""
         history = self._features.get(cache_key)
         return history.values[-1] if history else None
-
-    def _time(self, step: int) -> float:
-        """The forecast's time variable at ``step`` (``reuse_core.forecast``)."""
-        if self.forecast.time == "timestep":
-            # negated: timesteps fall as the run goes on, and a history restarts when time goes back
-            return -self.step_timesteps[min(step, len(self.step_timesteps) - 1)]
-        return float(step)
 
     def _features_at(self, cache_key: Hashable, step: int) -> EncoderFeatures:
         """The features a decoder-only ``step`` runs on: the last key step's, or their forecast at ``step``."""
@@ -337,7 +330,7 @@ class EncoderPropagationEngine:
                 "so it uses order %d (counted in the log line; not repeated this run)",
                 self.forecast.name, self.forecast.history, step, len(history), used,
             )
-        return history.at(self._time(step))
+        return history.at(step)
 
     # Decoder-only steps ------------------------------------------------------------------------------
     def decode_step(

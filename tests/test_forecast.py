@@ -79,9 +79,9 @@ def test_bad_forecast_input_names_the_field():
 # Encoder Feature Propagation --------------------------------------------------------------------------------
 
 
-def forecast_engine(order, preset="uniform", k=3, parallel=True, time="step"):
+def forecast_engine(order, preset="uniform", k=3, parallel=True):
     plan = make_plan(KeyStepSpec(preset, k), 10, max_batch=4)
-    return EncoderPropagationEngine(plan, [timestep_of(s) for s in SIGMAS[:-1]], parallel, ForecastSpec(order, time))
+    return EncoderPropagationEngine(plan, [timestep_of(s) for s in SIGMAS[:-1]], parallel, ForecastSpec(order))
 
 
 @pytest.fixture(scope="module")
