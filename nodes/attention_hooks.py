@@ -39,7 +39,9 @@ that evaluation is an evaluation at step ``i + 1``'s noise level and follows bit
 reuses, it reuses the maps of the last compute step, exactly as the step itself will; if it stores, the
 step's own evaluation overwrites the entry right after). Evaluations at sigmas strictly between two schedule
 points (dpm_2, dpmpp_2s_ancestral, dpmpp_sde midpoints, ...) compute fresh fused attention and never read or
-write the cache.
+write the cache. dpm_fast and dpm_adaptive evaluate only at sigmas of their own after step 0, so they reuse nothing;
+``AttentionRuns.coverage`` notices and the log line says so, as it says why a schedule with no reuse step (a short
+run, a fraction that rounds to 0) reuses nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from dataclasses import dataclass, field
 
 from ..reuse_core.attention_engine import AttentionReuseConfig, AttentionReuseRun
 from ..reuse_core.attention_math import attention_kind
-from ..reuse_core.schedules import ReuseSchedule, ScheduleSpec
+from ..reuse_core.schedules import ReuseSchedule, ScheduleSpec, StepCoverage
 from .comfy_steps import (
     DECODER_STEPS_KEY,
     ENCODER_SKIPPED_KEY,
@@ -121,11 +123,14 @@ class AttentionRuns:
     engine run per device, so threads computing conds on several devices never share a cache entry or counter,
     and each device keeps its maps within its own memory budget."""
 
-    def __init__(self, config: AttentionReuseConfig, schedule: ReuseSchedule):
+    def __init__(self, config: AttentionReuseConfig, schedule: ReuseSchedule, nothing_to_reuse: str = "", sampler=""):
         self.config = config
         self.schedule = schedule
         self.by_device: dict[str, AttentionReuseRun] = {}
         self._lock = threading.Lock()
+        self.nothing_to_reuse = nothing_to_reuse  # why the schedule reuses at no step (ScheduleSpec.nothing_to_reuse)
+        self.sampler = sampler  # its name, for the log line
+        self.coverage = StepCoverage(schedule.steps)  # which steps the model calls fell on
 
     def on(self, device: str) -> AttentionReuseRun:
         with self._lock:
@@ -134,10 +139,23 @@ class AttentionRuns:
                 run = self.by_device[device] = AttentionReuseRun(self.config, self.schedule)
             return run
 
+    def record_call(self, match) -> None:
+        with self._lock:
+            self.coverage.record(match)
+
+    def notes(self) -> str:
+        """What the summary line adds when the run reused nothing because of its length or its sampler."""
+        steps = self.schedule.steps
+        if self.nothing_to_reuse:
+            return f"; nothing to reuse at {steps} steps: {self.nothing_to_reuse}"
+        off_steps = self.coverage.note(self.sampler)
+        return f"; nothing reused: {off_steps}" if off_steps else ""
+
     def summaries(self, wall_s: float) -> list[str]:
+        notes = self.notes()
         if len(self.by_device) == 1:
-            return [run.summary(wall_s) for run in self.by_device.values()]
-        return [f"[{device}] {run.summary(wall_s)}" for device, run in self.by_device.items()]
+            return [run.summary(wall_s) + notes for run in self.by_device.values()]
+        return [f"[{device}] {run.summary(wall_s)}{notes}" for device, run in self.by_device.items()]
 
     def reset(self) -> None:
         for run in self.by_device.values():
@@ -244,6 +262,7 @@ def apply_model_wrapper(executor, *args, **kwargs):
     if runs is None:  # not inside a sampler run of this model
         return executor(*args, **kwargs)
     match = step_of_call(options)
+    runs.record_call(match)
     step = match.index if match is not None and match.exact else None
     x = args[0] if args else kwargs.get("x")
     device = str(getattr(x, "device", ""))
@@ -251,6 +270,12 @@ def apply_model_wrapper(executor, *args, **kwargs):
     forward = ForwardContext(runs.on(device), step, chunk_key)
     args, kwargs = with_transformer_options(args, kwargs, {**options, FORWARD_KEY: forward})
     return executor(*args, **kwargs)
+
+
+def sampler_name(sampler) -> str:
+    """The name ComfyUI lists a sampler under (``dpm_fast``), read from its function; ``""`` when unknown."""
+    name = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
+    return name.removeprefix("sample_").removesuffix("_function") if isinstance(name, str) else ""
 
 
 def make_outer_sample_wrapper(patch: ReusePatch):
@@ -273,7 +298,9 @@ def make_outer_sample_wrapper(patch: ReusePatch):
         original_options = guider.model_options
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         options = guider.model_options.setdefault("transformer_options", {})
-        runs = options[RUN_STATE_KEY] = AttentionRuns(patch.config, resolved.schedule)
+        sampler = sampler_name(args[2] if len(args) > 2 else kwargs.get("sampler"))
+        why = patch.spec.nothing_to_reuse(resolved)
+        runs = options[RUN_STATE_KEY] = AttentionRuns(patch.config, resolved.schedule, why, sampler)
         if not holds_pack_override(options):
             chain_attention_override(options, make_attention_override)
         start = time.perf_counter()

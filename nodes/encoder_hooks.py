@@ -21,6 +21,8 @@ import time
 from ..reuse_core.encoder_engine import EncoderPropagationConfig, EncoderPropagationEngine
 from ..reuse_core.key_steps import reuse_window
 from ..reuse_core.noise_injection import PriorNoiseInjection, sample_euler_prior_noise
+from ..reuse_core.schedules import StepCoverage
+from .attention_hooks import sampler_name
 from .comfy_steps import sigmas_of_sample, step_of_call, transformer_options_of
 from .dit_host import BlockSplit, ComfyDiTHost, dit_unsupported_reason, object_patches
 from .unet_decoder import ComfyUNetHost, bind_unet_call, has_output_control, is_unet, unet_unsupported_reason
@@ -33,7 +35,9 @@ LOG_NAME = "Encoder Feature Propagation"
 class EncoderPropagationRun:
     """State of one sampler run: the engine (feature cache, stored predictions, stats) and its timing."""
 
-    def __init__(self, config: EncoderPropagationConfig, sample_sigmas, model_sampling, split: BlockSplit | None):
+    def __init__(
+        self, config: EncoderPropagationConfig, sample_sigmas, model_sampling, split: BlockSplit | None, sampler=""
+    ):
         steps = len(sample_sigmas) - 1
         step_sigmas = sample_sigmas[:-1]
         window = reuse_window(
@@ -46,6 +50,8 @@ class EncoderPropagationRun:
         step_timesteps = model_sampling.timestep(step_sigmas).float().tolist()
         self.engine = EncoderPropagationEngine(self.plan, step_timesteps, config.parallel_decoding, config.forecast)
         self.split = split  # transformers only
+        self.sampler = sampler  # its name, for the log line
+        self.coverage = StepCoverage(steps)  # which steps the model calls fell on
         self.started = time.perf_counter()
 
     def log_line(self) -> str:
@@ -57,8 +63,36 @@ class EncoderPropagationRun:
         forecast = f", forecast {self.config.forecast.name}" if self.config.forecast.order else ""
         return (
             f"{LOG_NAME}: {self.config.key_steps.label}, {self.plan.steps} steps{split}, {mode}{noise}{forecast}: "
-            f"{self.engine.stats.summary()}, wall {wall:.2f} s"
+            f"{self.engine.stats.summary()}, wall {wall:.2f} s{self.notes()}"
         )
+
+    def notes(self) -> str:
+        """What the log line adds: custom key steps the run dropped, and why a run reused nothing (its length, the
+        reuse window, the adaptive threshold) or could not follow its key steps (a sampler with sigmas of its own)."""
+        spec, steps, stats = self.config.key_steps, self.plan.steps, self.engine.stats
+        notes = []
+        beyond = spec.beyond(steps)
+        if beyond:
+            note = f"custom_key_steps {', '.join(map(str, beyond))} beyond this {steps}-step run dropped"
+            if any(len(str(s)) >= 3 and set(str(s)) <= set("01") for s in beyond):
+                note += " (an Attention Map Reuse schedule? key steps are 0-based step indices such as 0,1,2,5)"
+            if spec.key_steps(steps) == (0,) and steps > 1:
+                note += ": only step 0 is left, one encoder pass for the whole run"
+            notes.append(note)
+        off_steps = self.coverage.note(self.sampler)
+        why = spec.nothing_to_reuse(steps)
+        if not why and not self.plan.decoder_only_steps:
+            why = (
+                f"every step lies outside start_percent {self.config.start_percent:g} .. end_percent "
+                f"{self.config.end_percent:g}, where the whole model runs"
+            )
+        if not why and spec.adaptive and not off_steps and not stats.encoder_passes_saved:
+            why = f"adaptive threshold {spec.threshold:g} made every step a key step"
+        if why:
+            notes.append(f"nothing to reuse at {steps} steps: {why}")
+        if off_steps:
+            notes.append(f"key steps not followed: {off_steps}")
+        return "".join(f"; {note}" for note in notes)
 
     def reset(self) -> None:
         self.engine.reset()
@@ -125,6 +159,7 @@ def make_outer_sample_wrapper(config: EncoderPropagationConfig):
             raise TypeError(reason)
         args = list(args)
         sigmas = sigmas_of_sample(args, kwargs)
+        sampler = sampler_name(args[2] if len(args) > 2 else kwargs.get("sampler"))
         model_sampling = patcher.get_model_object("model_sampling")
         if config.injection.enabled:
             if len(args) > 2:
@@ -135,7 +170,7 @@ def make_outer_sample_wrapper(config: EncoderPropagationConfig):
             return executor(*args, **kwargs)
         net = patcher.get_model_object("diffusion_model")
         split = None if is_unet(net) else BlockSplit.of(net, config.encoder_fraction)
-        run = EncoderPropagationRun(config, sigmas, model_sampling, split)
+        run = EncoderPropagationRun(config, sigmas, model_sampling, split, sampler)
         original_options = guider.model_options
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         guider.model_options.setdefault("transformer_options", {})[RUN_STATE_KEY] = run
@@ -155,6 +190,8 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     if run is None:  # not inside a sampler run of this model
         return executor(*args, **kwargs)
     net = executor.class_obj  # checked once per run by the OUTER_SAMPLE wrapper
+    step = step_of_call(options)
+    run.coverage.record(step)
     if run.split is not None:
         host = ComfyDiTHost(executor, net, run.split, args, kwargs)
         return run.engine.predict(
@@ -162,7 +199,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
             host.x,
             host.timesteps,
             None,
-            step=step_of_call(options),
+            step=step,
             cache_key=cond_key(options, host.x),
             batchable=host.batchable,
         )
@@ -174,7 +211,7 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
         x,
         named["timesteps"],
         named["context"],
-        step=step_of_call(options),
+        step=step,
         cache_key=cond_key(options, x),
         # ControlNet output residuals exist per step: a future step's decoder cannot receive them.
         batchable=not has_output_control(control),

@@ -9,7 +9,11 @@ Presets (``KeyStepSpec.preset``)
   (the scaling rule): every key ``k`` maps to ``round_half_up(k * N / 50)``, the first four steps
   ``{0, 1, 2, 3}`` stay keys (the paper's dense early keys: encoder features change fastest at high noise),
   keys ``>= N`` drop out and duplicates merge. 50 steps give the paper's set exactly; 20 steps give
-  ``{0, 1, 2, 3, 4, 6, 10, 14}``; 100 steps ``{0, 1, 2, 3, 4, 6, 10, 20, 30, 50, 70}``.
+  ``{0, 1, 2, 3, 4, 6, 10, 14}``; 100 steps ``{0, 1, 2, 3, 4, 6, 10, 20, 30, 50, 70}``. Short runs (few-step
+  distilled models): at least ``N // 4`` steps stay decoder-only (``PAPER_MIN_DECODED_SHARE``); the latest keys
+  beyond that drop. This changes 4 steps (``{0, 1, 2}``) and 5 steps (``{0, 1, 2, 3}``) only, which the rule above
+  makes all key steps; every other step count already has that many decoder-only steps. Runs of 1-3 steps keep
+  every step (``nothing_to_reuse`` says why).
 * ``uniform``: every ``k``-th step, ``{i : i % k == 0}`` (the paper suggests ``k = 4`` for community
   checkpoints); ``k = 1`` makes every step a key step (no reuse).
 * ``one_pass``: ``{0}``, the TiUE / "One-Way Ticket" limit case: one encoder pass shared by all decoder steps.
@@ -51,7 +55,9 @@ PRESETS = ("paper", "uniform", "one_pass", "custom", "adaptive")
 ADAPTIVE_DEFAULT_THRESHOLD = 0.3
 PAPER_KEY_STEPS_50 = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 PAPER_REFERENCE_STEPS = 50
-PAPER_DENSE_PREFIX = 4  # steps 0..3 are keys in the paper's set and stay keys at every step count
+PAPER_DENSE_PREFIX = 4  # steps 0..3 are keys in the paper's set and stay keys wherever the run has room (below)
+# Short runs: at least steps // 4 decoder-only steps (4 steps: {0, 1, 2}); binds at 4 and 5 steps only.
+PAPER_MIN_DECODED_SHARE = 4
 # Keeps huge numbers away from int(), whose own error (over 4300 digits) would not name the field.
 MAX_INDEX_DIGITS = 9
 
@@ -71,7 +77,8 @@ def paper_key_steps(steps: int) -> tuple[int, ...]:
     _check_steps(steps)
     scaled = {_round_half_up(k * steps / PAPER_REFERENCE_STEPS) for k in PAPER_KEY_STEPS_50}
     dense = set(range(min(PAPER_DENSE_PREFIX, steps)))
-    return tuple(sorted(s for s in scaled | dense if s < steps))
+    keys = sorted(s for s in scaled | dense if s < steps)
+    return tuple(keys[: steps - steps // PAPER_MIN_DECODED_SHARE])
 
 
 def uniform_key_steps(steps: int, k: int) -> tuple[int, ...]:
@@ -178,6 +185,25 @@ class KeyStepSpec:
         if self.preset in ("one_pass", "adaptive"):  # adaptive: only step 0 is known before sampling
             return one_pass_key_steps(steps)
         return tuple(sorted({0} | {s for s in self.custom if s < steps}))
+
+    def beyond(self, steps: int) -> tuple[int, ...]:
+        """Custom entries that a ``steps``-step run drops (indices ``>= steps``); empty for the other presets."""
+        return tuple(s for s in self.custom if s >= steps) if self.preset == "custom" else ()
+
+    def nothing_to_reuse(self, steps: int) -> str:
+        """Why this preset leaves no decoder-only step in a ``steps``-step run, or ``""`` when it leaves one (an
+        adaptive run decides while sampling: ``""`` from 2 steps on)."""
+        keys = self.key_steps(steps)
+        if steps == 1:
+            return "a 1-step run has no step after its first"
+        if len(keys) < steps or self.adaptive:
+            return ""
+        last = f"steps 0-{steps - 1}"
+        if self.preset == "paper":
+            return f"paper keeps {last} (runs of under {PAPER_MIN_DECODED_SHARE} steps keep every step)"
+        if self.preset == "uniform":
+            return f"uniform k={self.k} makes every step a key step"
+        return f"custom_key_steps list every step of the run ({last})"
 
 
 def reuse_window(step_sigmas: Sequence[float], start_sigma: float, end_sigma: float) -> tuple[bool, ...]:

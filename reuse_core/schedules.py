@@ -32,6 +32,11 @@ cross runs.
   position (run step ``i`` takes bit ``floor((i + 0.5) * L / steps)``, step 0 forced to compute), so a
   20-bit schedule keeps its shape on a 10- or 30-step run; ``ResolvedSchedule.note`` says so and the node
   logs it. The reuse count may change under resampling.
+* A run whose schedule reuses at no step (too few steps, a reuse fraction that rounds to 0, ...) runs as the
+  unpatched model; ``ScheduleSpec.nothing_to_reuse`` says why, for the node's log line.
+* Samplers that evaluate the model at sigmas of their own instead of the run's (ComfyUI's ``dpm_fast`` and
+  ``dpm_adaptive``) meet no step after step 0, so no schedule bit applies to them; ``StepCoverage`` notices
+  (for both nodes' log lines).
 
 Which compute steps materialise maps
 ------------------------------------
@@ -43,7 +48,7 @@ runs the host's normal fused attention. See ``ReuseSchedule.store_steps``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .steps import MAX_CUSTOM_CHARS
 
@@ -239,8 +244,54 @@ class ScheduleSpec:
         build = hurry if self.strategy == "hurry" else phast_preset
         return ResolvedSchedule(build(steps, reuse))
 
+    def nothing_to_reuse(self, resolved: ResolvedSchedule) -> str:
+        """Why ``resolved`` (this spec resolved for a run) reuses at no step, or ``""`` when it reuses at one."""
+        schedule = resolved.schedule
+        steps = schedule.steps
+        if schedule.reuse_count:
+            return ""
+        if steps == 1:
+            return "a 1-step run has no step after its first"
+        if self.strategy == "custom":
+            if resolved.note:
+                return f"custom_schedule resampled to {steps} steps ({schedule}) has no 0 (reuse) bit"
+            return "custom_schedule has no 0 (reuse) bit"
+        if self.reuse_fraction > 0:
+            return f"reuse_fraction {self.reuse_fraction:g} of {steps} steps rounds to 0 reuse steps"
+        return "reuse_steps is 0 (reuse off)"
+
     def describe(self) -> str:
         if self.strategy == "custom":
             return f"custom {self.custom_schedule.strip()}"
         amount = f"{self.reuse_fraction:g} of steps" if self.reuse_fraction > 0 else f"{self.reuse_steps} steps"
         return f"{self.strategy} reuse {amount}"
+
+
+@dataclass
+class StepCoverage:
+    """Which of a run's ``steps`` its model calls fell on exactly (by sigma, ``steps.match_step``)."""
+
+    steps: int
+    calls: int = 0
+    matched: set[int] = field(default_factory=set)
+
+    def record(self, match) -> None:
+        """Count one model call; ``match`` is its ``steps.StepMatch`` (None outside a sampler run)."""
+        self.calls += 1
+        if match is not None and match.exact:
+            self.matched.add(match.index)
+
+    @property
+    def off_steps(self) -> bool:
+        """True when calls were made but none fell on a step after step 0: the sampler picked its own sigmas."""
+        return self.steps > 1 and self.calls > 0 and not self.matched - {0}
+
+    def note(self, sampler: str = "") -> str:
+        """What ``off_steps`` means, for a log line (``""`` when the calls met the run's steps)."""
+        if not self.off_steps:
+            return ""
+        who = f"sampler {sampler}" if sampler else "the sampler"
+        return (
+            f"{who} evaluated the model at sigmas of its own, at none of this {self.steps}-step run's steps after "
+            "step 0 (dpm_fast and dpm_adaptive pick their own sigmas)"
+        )

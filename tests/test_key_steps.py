@@ -3,7 +3,9 @@
 import pytest
 
 from reuse_core.key_steps import (
+    PAPER_DENSE_PREFIX,
     PAPER_KEY_STEPS_50,
+    PAPER_REFERENCE_STEPS,
     KeyStepSpec,
     group_non_key_steps,
     make_plan,
@@ -24,7 +26,12 @@ def test_paper_preset_is_the_papers_set_at_50_steps():
     ("steps", "expected"),
     [
         (1, (0,)),
-        (4, (0, 1, 2, 3)),
+        (2, (0, 1)),
+        (3, (0, 1, 2)),
+        (4, (0, 1, 2)),
+        (5, (0, 1, 2, 3)),
+        (6, (0, 1, 2, 3, 4)),
+        (8, (0, 1, 2, 3, 4, 6)),
         (10, (0, 1, 2, 3, 5, 7)),
         (20, (0, 1, 2, 3, 4, 6, 10, 14)),
         (25, (0, 1, 2, 3, 5, 8, 13, 18)),
@@ -40,7 +47,40 @@ def test_paper_preset_invariants(steps):
     keys = paper_key_steps(steps)
     assert keys == tuple(sorted(set(keys)))
     assert all(0 <= k < steps for k in keys)
-    assert set(range(min(4, steps))) <= set(keys)  # dense early keys kept
+    assert steps - len(keys) >= steps // 4  # a quarter of the steps, rounded down, decoder-only
+    assert set(range(min(4, steps - steps // 4))) <= set(keys)  # dense early keys kept where there is room
+
+
+def _paper_without_the_short_run_cap(steps):
+    scaled = {int(k * steps / PAPER_REFERENCE_STEPS + 0.5) for k in PAPER_KEY_STEPS_50}
+    return tuple(sorted(s for s in scaled | set(range(min(PAPER_DENSE_PREFIX, steps))) if s < steps))
+
+
+def test_short_run_rule_changes_only_4_and_5_steps():
+    # The cap on key steps binds where the scaling leaves every step a key step; 6 steps on are as before.
+    changed = [n for n in range(1, 3001) if paper_key_steps(n) != _paper_without_the_short_run_cap(n)]
+    assert changed == [4, 5]
+
+
+def test_nothing_to_reuse_says_why():
+    assert KeyStepSpec("paper").nothing_to_reuse(3) == "paper keeps steps 0-2 (runs of under 4 steps keep every step)"
+    assert KeyStepSpec("paper").nothing_to_reuse(4) == ""  # {0, 1, 2}: step 3 decoder-only
+    assert KeyStepSpec("uniform", k=1).nothing_to_reuse(6) == "uniform k=1 makes every step a key step"
+    assert KeyStepSpec("uniform", k=4).nothing_to_reuse(2) == ""
+    assert KeyStepSpec("custom", custom=(0, 1, 2, 3, 9)).nothing_to_reuse(4) == (
+        "custom_key_steps list every step of the run (steps 0-3)"
+    )
+    assert KeyStepSpec("one_pass").nothing_to_reuse(2) == ""
+    assert KeyStepSpec("adaptive", threshold=0.3).nothing_to_reuse(2) == ""  # decided while sampling
+    for spec in (KeyStepSpec("one_pass"), KeyStepSpec("adaptive"), KeyStepSpec("paper")):
+        assert spec.nothing_to_reuse(1) == "a 1-step run has no step after its first"
+
+
+def test_custom_entries_beyond_the_run():
+    spec = KeyStepSpec.from_inputs("custom", 4, "111100")  # an attention schedule pasted by mistake
+    assert spec.beyond(6) == (111100,) and spec.key_steps(6) == (0,)
+    assert KeyStepSpec.from_inputs("custom", 4, "0,1,2,3,5,10,15,25,35").beyond(20) == (25, 35)
+    assert KeyStepSpec("paper").beyond(2) == ()
 
 
 def test_uniform_and_one_pass():

@@ -4,6 +4,7 @@ from reuse_core.schedules import (
     PHAST_RESULTS,
     ReuseSchedule,
     ScheduleSpec,
+    StepCoverage,
     hurry,
     parse_bits,
     phast_preset,
@@ -126,3 +127,35 @@ def test_spec_validates_at_construction():
         ScheduleSpec(reuse_fraction=1.5)
     with pytest.raises(ValueError, match="reuse_steps"):
         ScheduleSpec(reuse_steps=-1)
+
+
+def test_nothing_to_reuse_says_why():
+    def why(steps, **spec):
+        spec = ScheduleSpec(**spec)
+        return spec.nothing_to_reuse(spec.resolve(steps))
+
+    assert why(4, strategy="phast", reuse_fraction=0.5) == ""  # 1100
+    assert why(4, strategy="phast", reuse_fraction=0.1) == "reuse_fraction 0.1 of 4 steps rounds to 0 reuse steps"
+    assert why(6, strategy="hurry", reuse_steps=0) == "reuse_steps is 0 (reuse off)"
+    assert why(1, strategy="hurry", reuse_fraction=0.5) == "a 1-step run has no step after its first"
+    assert why(4, strategy="custom", custom_schedule="1111") == "custom_schedule has no 0 (reuse) bit"
+    assert why(2, strategy="custom", custom_schedule="1101") == (
+        "custom_schedule resampled to 2 steps (11) has no 0 (reuse) bit"
+    )
+    assert why(2, strategy="custom", custom_schedule=PAPER) == ""  # resampled to 10
+
+
+def test_step_coverage_notices_samplers_with_sigmas_of_their_own():
+    from reuse_core.steps import StepMatch
+
+    coverage = StepCoverage(6)
+    for match in (StepMatch(0, True), StepMatch(1, False), StepMatch(3, False), None):
+        coverage.record(match)
+    assert coverage.off_steps and coverage.calls == 4 and coverage.matched == {0}
+    assert coverage.note("dpm_fast").startswith("sampler dpm_fast evaluated the model at sigmas of its own")
+    coverage.record(StepMatch(2, True))  # heun, dpm_2, ...: the steps are met, with calls between them
+    assert not coverage.off_steps and coverage.note("dpm_2") == ""
+    assert not StepCoverage(6).off_steps  # no call at all (an outer cache, an interrupted run): nothing to say
+    one = StepCoverage(1)
+    one.record(StepMatch(0, True))
+    assert not one.off_steps
