@@ -50,7 +50,8 @@ class AttentionMapReuse(io.ComfyNode):
                     min=0,
                     max=10000,
                     step=1,
-                    tooltip="How many steps reuse attention (hurry/phast). Must be below the run's step count. "
+                    tooltip="How many steps reuse attention (hurry/phast). At or above the run's step count (a "
+                    "few-step model), half the run reuses instead (logged). "
                     "Ignored when reuse_fraction > 0 or strategy is custom.",
                 ),
                 io.Float.Input(

@@ -59,7 +59,7 @@ class EncoderFeaturePropagation(io.ComfyNode):
                     default="paper",
                     tooltip=(
                         "Steps that run the whole model. paper: the paper's 50-step set {0,1,2,3,5,10,15,25,35} "
-                        "scaled to the run's step count (steps 0-3 always kept). uniform: every k-th step. "
+                        "scaled to the run's step count (steps 0-3 kept from 6 steps on). uniform: every k-th step. "
                         "one_pass: only step 0 (TiUE; for distilled loop-free models, degrades ordinary ones). "
                         "custom: the list below (paste a Reuse Calibrate key step list here). adaptive: no list; a "
                         "step runs the whole model once the latent has changed by adaptive_threshold since the last "

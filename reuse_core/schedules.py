@@ -26,7 +26,8 @@ when sampling starts. Every sampler run (each KSamplerAdvanced segment) is resol
 cross runs.
 
 * HURRY / PHAST are generated for that step count. A reuse fraction scales with it. An integer reuse count
-  is used as is; if it leaves no compute step (``reuse >= steps``) resolution raises a ``ValueError`` naming
+  is used as is; if it leaves no compute step (``reuse >= steps``, e.g. the default 10 on an 8-step distilled model)
+  half the run reuses instead and ``ResolvedSchedule.note`` says so (the node logs it), naming
   ``reuse_steps`` (lower it or use ``reuse_fraction``). ``denoise < 1`` in KSampler still runs ``steps`` steps.
 * A custom bit string of the same length is used as is. Of another length it is resampled by relative
   position (run step ``i`` takes bit ``floor((i + 0.5) * L / steps)``, step 0 forced to compute), so a
@@ -240,9 +241,16 @@ class ScheduleSpec:
             fitted = resample(written, steps)
             note = f"custom_schedule has {written.steps} bits, run has {steps} steps: resampled to {fitted}"
             return ResolvedSchedule(fitted, note)
-        reuse = reuse_count(steps, self.reuse_steps, self.reuse_fraction)
         build = hurry if self.strategy == "hurry" else phast_preset
-        return ResolvedSchedule(build(steps, reuse))
+        if self.reuse_fraction == 0 and self.reuse_steps >= steps >= 1:
+            # Typically the default 10 on a few-step (distilled) model: half the run, as 10 of 20, not a failed run.
+            reuse = steps // 2
+            note = (
+                f"reuse_steps {self.reuse_steps} leaves no compute step in this {steps}-step run: reusing {reuse} "
+                f"(half the run, as 10 of 20); set reuse_steps below {steps} or use reuse_fraction"
+            )
+            return ResolvedSchedule(build(steps, reuse), note if reuse else "")
+        return ResolvedSchedule(build(steps, reuse_count(steps, self.reuse_steps, self.reuse_fraction)))
 
     def nothing_to_reuse(self, resolved: ResolvedSchedule) -> str:
         """Why ``resolved`` (this spec resolved for a run) reuses at no step, or ``""`` when it reuses at one."""

@@ -20,7 +20,7 @@ def test_rows_are_the_node_presets_for_the_run():
     assert rows["Encoder Feature Propagation", "paper"].plan == "0,1,2"  # a quarter of a short run decoder-only
     assert rows["Encoder Feature Propagation", "uniform k=4 (node default k)"].plan == "0"
     default = rows["Attention Map Reuse", "phast, reuse_steps 10 (node default)"]
-    assert default.method is None and "reuse_steps: 10 reuse steps leave no compute step" in default.refused
+    assert default.plan == "1100" and not default.refused  # 10 >= 4 steps: half the run, as 10 of 20
     assert rows["Attention Map Reuse", "phast, reuse_fraction 0.5"].plan == "1100"
     assert not any("forecast" in setting for _, setting in rows)
 
