@@ -2,12 +2,13 @@
 
 Every bad value gets an error that names the field and says how to fix it, raised when the node executes
 (not deep inside sampling), and the input MODEL is left exactly as it was. Two checks can only happen when
-sampling starts, because the node cannot know the run's step count or sampler before then: ``reuse_steps`` >=
-the run's steps, and prior noise injection with a sampler it cannot be exact for. Those must fail at the start
-of the run, before any model call, with the same kind of message, and leave the patched model usable.
+sampling starts, because the node cannot know the run's sampler before then: prior noise injection with a sampler it
+cannot be exact for. It must fail at the start of the run, before any model call, with the same kind of message,
+and leave the patched model usable.
 
-Schedules of another length than the run are documented as rescaled (attention: resampled by relative
-position, logged; encoder propagation: key steps beyond the run ignored); those are asserted as such.
+Schedules that do not fit the run are documented as rescaled (attention: resampled by relative position, or half
+the run reused where ``reuse_steps`` >= the run's steps; encoder propagation: key steps beyond the run dropped),
+each logged; those are asserted as such.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from compat_support import (
     METHODS,
     LogCapture,
     Trajectory,
+    assert_finite,
     compat_model,
     first_altered_step,
     matrix_inputs,
@@ -150,16 +152,16 @@ def counted(patcher):
     return counter
 
 
-def test_reuse_steps_not_below_run_steps_fails_before_any_model_call(sd15):
+def test_reuse_steps_not_below_run_steps_reuses_half_the_run_and_says_so(sd15):
     before = patcher_snapshot(sd15)
     patched = METHODS[0].apply(sd15, reuse_steps=6)
-    counter = counted(patched)
-    with pytest.raises(ValueError, match="reuse_steps") as raised:
-        sample(patched, steps=6)
-    assert any(hint in str(raised.value).lower() for hint in FIX_HINTS), str(raised.value)
-    assert counter.calls == 0, "the error came after sampling had started"
+    with LogCapture() as log:
+        short = sample(patched, steps=6)
+    assert_finite(short)
+    assert one_run(log).reused_steps == 3
+    assert log.matching("reuse_steps 6 leaves no compute step in this 6-step run: reusing 3 (half the run")
     assert patcher_snapshot(sd15) == before
-    # The same patched model still works on a longer run, exactly like a fresh one.
+    # The same patched model on a longer run uses reuse_steps as given, exactly like a fresh one.
     with LogCapture() as log:
         out = sample(patched, steps=8)
     assert one_run(log).reused_steps == 6
