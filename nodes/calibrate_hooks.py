@@ -10,6 +10,11 @@ The node samples a clone of the user's model carrying three additions, all remov
   ``dit_host.ComfyDiTHost``: the state after the encoder blocks) and records the encoder features. Calls between
   steps (the intermediate evaluations of heun, dpm_2, ...) are not steps of any schedule and pass through, so every
   sampler works. On models Encoder Feature Propagation cannot split, the prediction stands in for the features.
+* ``APPLY_MODEL`` (``apply_model_wrapper``): around it, for the diffusion models whose forward has no
+  ``DIFFUSION_MODEL`` wrapper point (SD3 / SD3.5, Boogu, Mochi): it marks each exact step for the attention override
+  and, when the run's first exact step never reached the inner wrapper, records the model's output (denoised) as
+  the stand-in at every step. Where the first step reached it, a later step that does not was skipped by another
+  node's cache: it stays unrecorded, and the node says so after the run.
 * ``optimized_attention_override`` (``make_recording_override``): every attention call of an exact step's forward
   records a subsample of its output and of its map for a few query rows (``reuse_core.calibration.attention_probe``),
   keyed by its ordinal in the forward and the call's cond chunk. Another node's override is chained
@@ -24,7 +29,8 @@ import logging
 from dataclasses import dataclass, field
 
 from ..reuse_core.attention_math import kv_to_heads, to_heads
-from ..reuse_core.calibration import ChangeRecorder
+from ..reuse_core.calibration import DEFAULT_MAX_ELEMENTS, ChangeRecorder
+from .attention_hooks import supported_family
 from .comfy_steps import (
     chain_attention_override,
     holds_pack_override,
@@ -33,6 +39,7 @@ from .comfy_steps import (
     transformer_options_of,
     with_transformer_options,
 )
+from .compile_support import without_compile
 from .dit_host import BlockSplit, ComfyDiTHost, object_patches
 from .encoder_hooks import unsupported_reason
 from .unet_decoder import ComfyUNetHost, bind_unet_call, is_unet
@@ -40,6 +47,19 @@ from .unet_decoder import ComfyUNetHost, bind_unet_call, is_unet
 WRAPPER_KEY = "comfyui_reuse.calibrate"
 RUN_STATE_KEY = "comfyui_reuse.calibrate.run"
 FORWARD_KEY = "comfyui_reuse.calibrate.forward"
+APPLY_KEY = "comfyui_reuse.calibrate.apply"
+# Other nodes' caches that skip model calls (their wrapper keys, ComfyUI's comfy_extras/nodes_easycache.py): a run
+# behind them never computes some steps in full, so nothing can be fitted to it.
+SKIPPING_CACHES = {"easycache": "EasyCache", "lazycache": "LazyCache"}
+# Values recorded per tensor and step: 4096 up to 200 steps (the calibration's estimate, ~60 MB for a 50-step SDXL
+# run), fewer on longer runs so that the recording stays within about what 200 steps take (never below 256).
+RECORDED_VALUES = 4096 * 200
+MIN_RECORDED_VALUES = 256
+
+
+def recorded_values(steps: int) -> int:
+    """Values kept per tensor and step on a run of ``steps`` steps."""
+    return max(MIN_RECORDED_VALUES, min(DEFAULT_MAX_ELEMENTS, RECORDED_VALUES // max(1, steps)))
 
 
 @dataclass
@@ -53,6 +73,9 @@ class CalibrationRun:
     encoder: ChangeRecorder = field(default_factory=ChangeRecorder)
     attention: ChangeRecorder = field(default_factory=ChangeRecorder)
     attention_calls: int = 0
+    # True: the diffusion model has no DIFFUSION_MODEL wrapper point, the stand-in is recorded around apply_model
+    # (decided at the run's first exact step; None before)
+    direct: bool | None = None
 
 
 @dataclass
@@ -68,6 +91,7 @@ class _Forward:
     step: int
     chunk: tuple
     calls: int = 0
+    reached: bool = False  # APPLY_MODEL's: the DIFFUSION_MODEL wrapper ran inside it
 
 
 def _chunk_of(options: dict) -> tuple:
@@ -109,7 +133,16 @@ def make_outer_sample_wrapper(session: CalibrationSession):
         net = guider.model_patcher.get_model_object("diffusion_model")
         reason = unsupported_reason(net)
         split = None if is_unet(net) or reason else BlockSplit.of(net, session.encoder_fraction)
-        run = CalibrationRun(len(sigmas) - 1, [float(s) for s in sigmas], split, features_stand_in=reason is not None)
+        steps = len(sigmas) - 1
+        values = recorded_values(steps)
+        run = CalibrationRun(
+            steps,
+            [float(s) for s in sigmas],
+            split,
+            features_stand_in=reason is not None,
+            encoder=ChangeRecorder(values),
+            attention=ChangeRecorder(values),
+        )
         original = guider.model_options
         guider.model_options = comfy.model_patcher.create_model_options_clone(original)
         options = guider.model_options.setdefault("transformer_options", {})
@@ -125,12 +158,31 @@ def make_outer_sample_wrapper(session: CalibrationSession):
     return outer_sample_wrapper
 
 
+def apply_model_wrapper(executor, *args, **kwargs):
+    options = transformer_options_of(args, kwargs)
+    run: CalibrationRun | None = options.get(RUN_STATE_KEY)
+    step = step_of_call(options) if run is not None else None
+    if step is None or not step.exact:
+        return executor(*args, **kwargs)
+    forward = _Forward(step.index, _chunk_of(options))
+    args, kwargs = with_transformer_options(args, kwargs, {**options, FORWARD_KEY: forward, APPLY_KEY: forward})
+    out = executor(*args, **kwargs)
+    if run.direct is None:
+        run.direct = not forward.reached
+    if run.direct:  # no DIFFUSION_MODEL wrapper point: the model's output (denoised) stands in
+        run.encoder.record(step.index, (forward.chunk, "prediction"), out)
+    return out
+
+
 def diffusion_model_wrapper(executor, *args, **kwargs):
     options = transformer_options_of(args, kwargs)
     run: CalibrationRun | None = options.get(RUN_STATE_KEY)
     step = step_of_call(options) if run is not None else None
     if step is None or not step.exact:
         return executor(*args, **kwargs)
+    outer: _Forward | None = options.get(APPLY_KEY)
+    if outer is not None:
+        outer.reached = True
     forward = _Forward(step.index, _chunk_of(options))
     args, kwargs = with_transformer_options(args, kwargs, {**options, FORWARD_KEY: forward})
     net = executor.class_obj
@@ -152,9 +204,8 @@ def diffusion_model_wrapper(executor, *args, **kwargs):
     return out
 
 
-def recording_clone(model, session: CalibrationSession):
-    """A clone of ``model`` that records into ``session`` when sampled; refuses a model already patched by the pack
-    (its run would not be full compute)."""
+def check_model(model) -> None:
+    """Refuse, before sampling, a model whose run could not be recorded in full or whose schedules no node uses."""
     import comfy.patcher_extension
 
     from . import attention_hooks, encoder_hooks
@@ -165,15 +216,39 @@ def recording_clone(model, session: CalibrationSession):
             "model: Reuse Calibrate needs the model before Attention Map Reuse / Encoder Feature Propagation (its run "
             "must compute every step in full); connect the loader's MODEL to it"
         )
+    for key, node in SKIPPING_CACHES.items():
+        if any(model.get_wrappers(kind, key) for kind in (wrappers.OUTER_SAMPLE, wrappers.DIFFUSION_MODEL)):
+            raise ValueError(
+                f"model: Reuse Calibrate needs the model before {node}: {node} skips model calls, so its run never "
+                f"computes some steps in full and no schedule can be fitted to them; connect the model to Reuse "
+                f"Calibrate before {node} (or without it)"
+            )
+    net = model.get_model_object("diffusion_model")
+    if supported_family(net) is None and unsupported_reason(net) is not None:
+        name = f"{type(net).__module__}.{type(net).__name__}"
+        raise ValueError(
+            f"model: neither Encoder Feature Propagation nor Attention Map Reuse supports this model's diffusion model "
+            f"({name}), so there is nothing to calibrate for it"
+        )
+
+
+def recording_clone(model, session: CalibrationSession):
+    """A clone of ``model`` that records into ``session`` when sampled; refuses what ``check_model`` refuses."""
+    import comfy.patcher_extension
+
+    wrappers = comfy.patcher_extension.WrappersMP
+    check_model(model)
     patched = model.clone()
+    without_compile(patched, "Reuse Calibrate")  # after TorchCompileModel: the one recording run, uncompiled
     net = model.get_model_object("diffusion_model")
     if not is_unet(net) and unsupported_reason(net) is None:
         for name, patch in object_patches(net).items():
             patched.add_object_patch(name, patch)
     chain_attention_override(patched.model_options.setdefault("transformer_options", {}), make_recording_override)
-    for wrapper_type in (wrappers.OUTER_SAMPLE, wrappers.DIFFUSION_MODEL):
+    for wrapper_type in (wrappers.OUTER_SAMPLE, wrappers.APPLY_MODEL, wrappers.DIFFUSION_MODEL):
         patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
     patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, make_outer_sample_wrapper(session))
+    patched.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
     patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper)
     return patched
 

@@ -1,4 +1,5 @@
-"""Calibration (reuse_core.calibration): the DP is the exhaustive optimum, budgets, determinism, the recorder."""
+"""Calibration (reuse_core.calibration): the DP is the exhaustive optimum (reuse and forecasts), budgets, bounded and
+interruptible fits, determinism, the recorder."""
 
 import itertools
 import math
@@ -10,15 +11,19 @@ import torch
 from reuse_core.calibration import (
     Budget,
     ChangeRecorder,
+    FitLimits,
     attention_probe,
     calibrate,
     compute_steps_for_speedup,
     drift_from_consecutive,
+    fit_compute_steps,
+    forecast_cost,
     optimal_compute_steps,
     schedule_cost,
     sigma_step_weights,
     subsample,
 )
+from reuse_core.forecast import extrapolate
 
 
 def random_drift(n: int, seed: int, consecutive: bool) -> list[list[float]]:
@@ -202,3 +207,205 @@ def test_calibration_is_deterministic_and_respects_each_budget():
     assert other.key_cost != first.key_cost
     full = calibrate([[0.0] * 4] * 4, [[0.0] * 4] * 4, Budget(reuse_steps=0), 0.5, 0.5)
     assert full.key_steps == (0, 1, 2, 3) and str(full.attention) == "1111"
+
+
+# --------------------------------------------------------------------------------------- forecast fits (recordings)
+def recorded(n: int, seed: int, tensors: int = 3, size: int = 40) -> ChangeRecorder:
+    """A curved trajectory (a forecast of every order errs on it) with some noise, recorded at every step."""
+    gen = torch.Generator().manual_seed(seed)
+    base, velocity = torch.randn(tensors, size, generator=gen), torch.randn(tensors, size, generator=gen)
+    recorder = ChangeRecorder()
+    for s in range(n):
+        values = base + velocity * math.sin(0.4 * s) + 0.05 * torch.randn(tensors, size, generator=gen)
+        for t in range(tensors):
+            recorder.record(s, ("tensor", t), values[t])
+    return recorder
+
+
+def independent_cost(recorder: ChangeRecorder, n: int, keys, order: int, weights) -> float:
+    """The objective from first principles: each skipped step's relative L1 to the forecast (reuse_core.forecast)."""
+    samples = [{name: value.double() for name, value in recorder._samples[s].items()} for s in range(n)]
+    keys, total = sorted(keys), 0.0
+    for j in range(n):
+        history = [k for k in keys if k <= j][-(order + 1) :]
+        if history[-1] == j:
+            continue
+        errors = []
+        for name, value in samples[j].items():
+            forecast = extrapolate([float(h) for h in history], [samples[h][name] for h in history], float(j))
+            errors.append(float((value - forecast).abs().mean() / (value.abs().mean() + 1e-12)))
+        total += weights[j] * sum(errors) / len(errors)
+    return total
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+@pytest.mark.parametrize("n", [6, 8])
+def test_forecast_fit_reproduces_the_exhaustive_optimum(order, n):
+    recorder = recorded(n, seed=10 * n + order)
+    weights = [random.Random(n).uniform(0.1, 2.0) for _ in range(n)]
+    trajectory = recorder.trajectory(n)
+    for budget in range(1, n + 1):
+        found = fit_compute_steps(trajectory, budget, order, weights=weights)
+        assert len(found.steps) == budget and found.steps[0] == 0 and found.steps == tuple(sorted(set(found.steps)))
+        cost = independent_cost(recorder, n, found.steps, order, weights)
+        assert found.cost == pytest.approx(cost, rel=1e-5, abs=1e-9)
+        assert cost == pytest.approx(forecast_cost(trajectory, found.steps, order, weights), rel=1e-5, abs=1e-9)
+        best = min(
+            independent_cost(recorder, n, {0, *rest}, order, weights)
+            for rest in itertools.combinations(range(1, n), budget - 1)
+        )
+        assert cost == pytest.approx(best, rel=1e-5, abs=1e-9), (budget, found)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_order_0_fit_is_the_drift_fit(seed):
+    n = 12 + 6 * seed
+    recorder = recorded(n, seed)
+    weights = sigma_step_weights(sorted((random.Random(seed).uniform(0, 15) for _ in range(n + 1)), reverse=True))
+    drift = recorder.drift(n)
+    for budget, required in ((3, ()), (n // 2, (5,)), (n - 2, (1, n - 1))):
+        found = fit_compute_steps(recorder.trajectory(n), budget, 0, required, weights)
+        expected = optimal_compute_steps(drift, budget, required, weights)
+        assert found.fit == "exact"
+        assert found.steps == expected.steps and found.cost == pytest.approx(expected.cost, rel=1e-12)
+
+
+def test_a_linear_forecast_is_fitted_to_its_own_error():
+    # exactly linear in the step index: a linear forecast from steps 0 and 1 is exact everywhere, reuse is not
+    recorder = ChangeRecorder()
+    gen = torch.Generator().manual_seed(0)
+    base, slope = torch.randn(2, 30, generator=gen), torch.randn(2, 30, generator=gen)
+    for s in range(10):
+        for t in range(2):
+            recorder.record(s, t, base[t] + s * slope[t])
+    trajectory = recorder.trajectory(10)
+    linear = fit_compute_steps(trajectory, 2, order=1)
+    assert linear.steps == (0, 1) and linear.cost == pytest.approx(0.0, abs=1e-5)
+    reuse = fit_compute_steps(trajectory, 2, order=0)
+    assert reuse.steps != (0, 1) and reuse.cost > 0.1
+    quadratic = fit_compute_steps(trajectory, 3, order=2)
+    assert quadratic.cost == pytest.approx(0.0, abs=1e-5) and quadratic.steps[:2] == (0, 1)
+
+
+def smooth_recording(n: int, seed: int, tensors: int = 4, size: int = 64) -> ChangeRecorder:
+    """Fast change early, slow late, as in sampling."""
+    gen = torch.Generator().manual_seed(seed)
+    base, velocity, curve = (torch.randn(tensors, size, generator=gen) for _ in range(3))
+    recorder = ChangeRecorder()
+    for s in range(n):
+        t = s / n
+        values = base + velocity * math.sqrt(t) + curve * t * t + 0.01 * torch.randn(tensors, size, generator=gen)
+        for i in range(tensors):
+            recorder.record(s, ("tensor", i), values[i])
+    return recorder
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_bounded_fits_keep_the_budget_and_stay_near_the_exact_one(order):
+    n = 120
+    trajectory = smooth_recording(n, seed=3 + order).trajectory(n)
+    weights = sigma_step_weights([14.6 * (1 - i / n) ** 3 for i in range(n + 1)])
+    tight = FitLimits(cells=3e5, states=2e4, coarse_steps=60)  # what forces the gap-limited and coarse plans
+    fits = set()
+    for budget, required in ((60, (7,)), (24, (50, 51)), (6, ())):
+        exact = fit_compute_steps(trajectory, budget, order, required, weights)
+        bounded = fit_compute_steps(trajectory, budget, order, required, weights, limits=tight)
+        fits.add(bounded.fit.split(":")[0].split(" ")[0])
+        steps = bounded.steps
+        assert len(steps) == budget and steps[0] == 0 and steps == tuple(sorted(set(steps))) and steps[-1] < n
+        assert set(required) <= set(steps)
+        uniform = [round(i * n / budget) for i in range(budget)]
+        uniform = sorted(set(uniform[: budget - len(set(required) - set(uniform))]) | set(required))
+        cost = forecast_cost(trajectory, steps, order, weights)
+        assert cost <= 1.6 * forecast_cost(trajectory, exact.steps, order, weights), (budget, bounded)
+        assert cost < 0.8 * forecast_cost(trajectory, uniform, order, weights), (budget, bounded)
+    assert fits - {"exact"}, fits
+
+
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_long_runs_are_fitted_within_bounds(order):
+    # ComfyUI's longest run: the fit coarsens instead of growing with the steps squared
+    n = 10000
+    recorder = ChangeRecorder()
+    for s in range(n):
+        recorder.record(s, "a", torch.linspace(-1, 1, 8) * (1 + math.sin(s / 900)) + s / n)
+    trajectory = recorder.trajectory(n)
+    weights = sigma_step_weights([14.6 * (1 - i / n) ** 3 for i in range(n + 1)])
+    for budget in (5000, 37):
+        found = fit_compute_steps(trajectory, budget, order, (4321,), weights)
+        assert found.fit.startswith("coarse"), found.fit
+        assert len(found.steps) == budget and found.steps == tuple(sorted(set(found.steps))) and 4321 in found.steps
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "order, limits",
+    [(0, None), (1, None), (2, None), (0, FitLimits(cells=2e4, states=600)), (2, FitLimits(cells=2e4, states=600))],
+)
+def test_an_interrupt_stops_the_fit(order, limits):
+    trajectory = recorded(60, seed=1).trajectory(60)
+    calls = []
+
+    def check():
+        calls.append(1)
+
+    fit_compute_steps(trajectory, 20, order, check=check, limits=limits)
+    assert len(calls) >= 4, "the fit must check for interrupts while it works"
+    stop_at = len(calls) // 2
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) > stop_at:
+            raise Interrupted
+
+    calls.clear()
+    with pytest.raises(Interrupted):
+        fit_compute_steps(trajectory, 20, order, check=interrupt, limits=limits)
+    assert len(calls) == stop_at + 1  # nothing after the interrupt
+
+
+def test_calibrate_with_recordings_fits_both_orders_and_reports_them():
+    recorder = recorded(12, seed=4)
+    trajectory = recorder.trajectory(12)
+    result = calibrate(trajectory, trajectory, Budget(reuse_steps=5), 0.5, 0.5, forecast=1, attention_forecast=0)
+    assert (result.forecast, result.attention_forecast, result.forecast_name) == (1, 0, "linear")
+    assert len(result.key_steps) == 7 and result.attention.reuse_count == 5
+    assert result.key_cost == pytest.approx(forecast_cost(trajectory, result.key_steps, 1), rel=1e-5)
+    drift = recorder.drift(12)
+    assert result.attention.steps == 12
+    assert tuple(i for i, b in enumerate(result.attention.bits) if b) == optimal_compute_steps(drift, 7).steps
+    report = result.report()
+    assert "linear forecast error" in report and "reuse steps, drift" in report
+    assert "forecast: Encoder Feature Propagation linear, Attention Map Reuse reuse" in report
+    with pytest.raises(ValueError, match="a drift matrix holds the errors of reuse only"):
+        calibrate(drift, drift, Budget(reuse_steps=5), 0.5, 0.5, forecast=1)
+    with pytest.raises(ValueError, match="forecast"):
+        fit_compute_steps(trajectory, 3, order=3)
+    with pytest.raises(ValueError, match=r"FitLimits\.work"):
+        FitLimits(work=float("nan"))
+
+
+def test_trajectory_needs_every_step_and_the_values():
+    recorder = ChangeRecorder()
+    recorder.record(0, "a", torch.ones(10))
+    recorder.record(2, "a", torch.ones(10))
+    with pytest.raises(ValueError, match=r"steps \[1\] were never recorded"):
+        recorder.trajectory(3)
+    with pytest.raises(ValueError, match="pairwise"):
+        ChangeRecorder(pairwise=False).trajectory(1)
+    recorder.record(1, "a", torch.ones(10))
+    recorder.record(1, "once", torch.ones(10))  # seen at one step only: measures nothing
+    recorder.record(0, "resized", torch.ones(10))
+    recorder.record(1, "resized", torch.ones(12))
+    assert recorder.trajectory(3).names == ("a",)
+
+
+def test_a_recording_that_is_not_finite_is_refused():
+    recorder = recorded(8, seed=2)
+    recorder.record(5, ("tensor", 1), torch.full((40,), float("nan")))
+    for order in (0, 1):
+        with pytest.raises(ValueError, match="not all finite"):
+            fit_compute_steps(recorder.trajectory(8), 4, order)
