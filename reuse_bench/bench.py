@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from reuse_core.calibration import ATTENTION_OUTPUT, fit_compute_steps, sigma_step_weights
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.metrics import psnr, ssim
 from reuse_core.schedules import hurry, parse_bits, phast_preset
@@ -105,41 +106,62 @@ def phast_schedules(model: BuiltinModel, settings: BenchSettings, log: Callable[
 
 def calibrated_schedules(unet: BuiltinModel, dit: BuiltinDiT, settings: BenchSettings) -> dict[str, dict]:
     """Per model, what Reuse Calibrate would pick from one full-compute run on the PHAST search's seeds (never the
-    bench's): as many key steps as the paper preset, and an output-mode schedule reusing as many steps as HURRY."""
+    bench's): as many key steps as the paper preset, and an output-mode schedule reusing as many steps as HURRY; for
+    ``forecast = reuse`` (fitted to the drift) and ``linear`` (fitted to a linear forecast's error)."""
     search = (phast_search.SEARCH_LABELS, phast_search.SEARCH_SEEDS)
 
-    def unet_drift(steps: int) -> dict:
+    def fitted(recorder, sigmas: list[float], key_count: int, attention_steps: int, reuse: int) -> dict:
+        steps = len(sigmas) - 1
+        weights = sigma_step_weights(sigmas)
+        encoder = recorder.encoder.trajectory(steps)
+        attention = recorder.attention.trajectory(steps, recorder.attention.names(ATTENTION_OUTPUT))
+        out = {}
+        for name, order in (("reuse", 0), ("linear", FORECAST)):
+            keys = fit_compute_steps(encoder, key_count, order, weights=weights).steps
+            out[name] = {"key_steps": list(keys)}
+            if steps == attention_steps:
+                out[name]["schedule"] = str(fit_compute_steps(attention, steps - reuse, order, weights=weights)
+                                            .schedule(steps))  # fmt: skip
+        return out
+
+    def unet_fit(steps: int) -> dict:
         recorder = M.RecordingPredictor(unet)
         sample(unet, SampleSpec(*search, steps, settings.guidance), recorder)
-        return M.drift_matrices(recorder, ddim_sigmas(steps))
+        return fitted(recorder, ddim_sigmas(steps), len(KeyStepSpec("paper").key_steps(steps)), ATTENTION_STEPS,
+                      ATTENTION_REUSE)  # fmt: skip
 
     recorder = MD.RecordingDiTPredictor(dit)
     sample_dit(dit, DiTSampleSpec(*search, DIT_STEPS, settings.dit_guidance), recorder)
-    dit_drift = M.drift_matrices(recorder, flow_sigmas(DIT_STEPS).tolist())
-    paper_keys = {steps: len(KeyStepSpec("paper").key_steps(steps)) for steps in (ENCODER_STEPS, DIT_STEPS)}
+    dit_fit = fitted(recorder, flow_sigmas(DIT_STEPS).tolist(), len(KeyStepSpec("paper").key_steps(DIT_STEPS)),
+                     DIT_STEPS, DIT_ATTENTION_REUSE)  # fmt: skip
+    unet_keys, unet_schedule = unet_fit(ENCODER_STEPS), unet_fit(ATTENTION_STEPS)
     return {
         "U-Net": {
-            "key_steps": list(M.calibrated_key_steps(unet_drift(ENCODER_STEPS), paper_keys[ENCODER_STEPS])),
-            "schedule": str(M.calibrated_schedule(unet_drift(ATTENTION_STEPS), ATTENTION_REUSE)),
+            name: {"key_steps": unet_keys[name]["key_steps"], "schedule": unet_schedule[name]["schedule"]}
+            for name in ("reuse", "linear")
         },
-        "DiT": {
-            "key_steps": list(M.calibrated_key_steps(dit_drift, paper_keys[DIT_STEPS])),
-            "schedule": str(M.calibrated_schedule(dit_drift, DIT_ATTENTION_REUSE)),
-        },
+        "DiT": dit_fit,
     }
 
 
-def calibrated_rows(method_module, calibrated: dict, encoder_steps: int, attention_steps: int, reuse: int) -> list:
-    keys = calibrated["key_steps"]
-    return [
-        method_module.encoder_method(
-            f"Encoder propagation calibrated ({len(keys)} keys)", encoder_steps, KeyStepSpec("custom", custom=keys),
-            parallel=True,
-        ),
-        method_module.attention_method(
-            f"Attention reuse calibrated r={reuse}", attention_steps, parse_bits(calibrated["schedule"]), "output"
-        ),
-    ]  # fmt: skip
+def calibrated_rows(
+    method_module, calibrated: dict, encoder_steps: int, attention_steps: int, reuse: int, **encoder_settings
+) -> list:
+    """Reuse rows on the schedules fitted for reuse, forecast rows on those fitted for the forecast's error (the
+    U-Net's forecast rows with ``encoder_settings``: no noise injection, as its other forecast rows)."""
+    rows = []
+    for name, order, settings in (("reuse", 0, {}), ("linear", FORECAST, encoder_settings)):
+        keys, schedule = calibrated[name]["key_steps"], parse_bits(calibrated[name]["schedule"])
+        rows += [
+            method_module.encoder_method(
+                f"Encoder propagation calibrated ({len(keys)} keys)", encoder_steps, KeyStepSpec("custom", custom=keys),
+                parallel=True, forecast=order, **settings,
+            ),
+            method_module.attention_method(
+                f"Attention reuse calibrated r={reuse}", attention_steps, schedule, "output", forecast=order
+            ),
+        ]  # fmt: skip
+    return rows
 
 
 def forecast_rows(
@@ -200,7 +222,7 @@ def build_methods(phast: dict[str, dict], calibrated: dict, quick: bool = False)
             M.encoder_method("Encoder propagation paper preset", e_steps, KeyStepSpec("paper"), True, injection=False)
         )
         rows.append(M.encoder_method("Encoder propagation paper preset (scaled)", a_steps, KeyStepSpec("paper"), True))
-    rows += calibrated_rows(M, calibrated, e_steps, a_steps, ATTENTION_REUSE)
+    rows += calibrated_rows(M, calibrated, e_steps, a_steps, ATTENTION_REUSE, injection=False)
     attention_schedules = [
         (f"Attention reuse HURRY r={ATTENTION_REUSE}", hurry(a_steps, ATTENTION_REUSE)),
         ("Attention reuse PHAST searched", parse_bits(phast["output"]["schedule"])),

@@ -8,6 +8,8 @@ full-compute output of the same seed (PSNR of the final images in [0, 1], mean o
   difference from the reference is the reuse) with its presets, calibrated key steps for several budgets and
   adaptive key steps for several thresholds; Attention Map Reuse (output mode) with HURRY, the PHAST preset and
   calibrated schedules for several reuse counts;
+* the same with ``forecast = linear`` (``preset+forecast``: the presets, HURRY; ``calibrated+forecast``: key steps and
+  schedules fitted to a linear forecast's error, as Reuse Calibrate fits them with that forecast);
 * per model and method the best PSNR gain over fewer steps at equal cost (``equal_cost_psnr``: the fewer-steps
   curve's upper envelope, linear in cost);
 * on the U-Net, calibrated against PHAST's exhaustive search (``assets/phast_schedules.json``) at 20 steps / 10
@@ -42,7 +44,9 @@ from reuse_core.adapters.diffusers_attention import DiffusersAttentionReuse
 from reuse_core.adapters.diffusers_encoder import DiffusersUNetHost
 from reuse_core.adapters.diffusers_transformer import DiffusersFluxHost
 from reuse_core.attention_engine import AttentionReuseConfig
+from reuse_core.calibration import ATTENTION_OUTPUT, ComputeSteps, fit_compute_steps
 from reuse_core.encoder_engine import EncoderPropagationConfig
+from reuse_core.forecast import ForecastSpec
 from reuse_core.key_steps import KeyStepSpec
 from reuse_core.metrics import psnr
 from reuse_core.schedules import ReuseSchedule, hurry, parse_bits, phast_preset
@@ -66,6 +70,9 @@ from .sampling import SampleSpec, StepPredictor, ddim_sigmas, initial_noise, sam
 from .sampling_dit import DiTPredictor, DiTSampleSpec, sample_dit
 
 OUT_DIR = Path("bench_out")
+# The forecast points' order (linear, as the main job's forecast rows) and the kinds of point, in the table's order.
+FORECAST = 1
+KINDS = ("preset", "calibrated", "adaptive", "phast", "preset+forecast", "calibrated+forecast")
 
 
 @dataclass(frozen=True)
@@ -120,10 +127,21 @@ class CurveSubject:
 
 
 # Recording one full run --------------------------------------------------------------------------------------------
-def record_drift(subject: CurveSubject, steps: int) -> dict[str, list[list[float]]]:
+def record_drift(subject: CurveSubject, steps: int) -> dict:
+    """``drift_matrices`` of one recorded run, plus the recordings themselves (``trajectories``: encoder, output) that
+    a fit to a forecast's error reads."""
     recorder = subject.recorder()
     subject.sample(phast_search.SEARCH_LABELS, phast_search.SEARCH_SEEDS, steps, recorder)
-    return drift_matrices(recorder, subject.sigmas(steps))
+    trajectories = {
+        "encoder": recorder.encoder.trajectory(steps),
+        "output": recorder.attention.trajectory(steps, recorder.attention.names(ATTENTION_OUTPUT)),
+    }
+    return {**drift_matrices(recorder, subject.sigmas(steps)), "trajectories": trajectories}
+
+
+def forecast_fit(drift: dict, source: str, budget: int) -> ComputeSteps:
+    """``budget`` compute steps fitted to a linear forecast's error on the recorded ``source`` (Reuse Calibrate's)."""
+    return fit_compute_steps(drift["trajectories"][source], budget, FORECAST, weights=drift["weights"])
 
 
 # FLOPs per kind of step ----------------------------------------------------------------------------------------------
@@ -232,8 +250,8 @@ def keys_recorded(predictor):
     return predictor
 
 
-def encoder_config(spec: KeyStepSpec) -> EncoderPropagationConfig:
-    return EncoderPropagationConfig(key_steps=spec, parallel_decoding=False)
+def encoder_config(spec: KeyStepSpec, forecast: int = 0) -> EncoderPropagationConfig:
+    return EncoderPropagationConfig(key_steps=spec, parallel_decoding=False, forecast=ForecastSpec(forecast))
 
 
 def evaluate(subject: CurveSubject, settings: CurveSettings, steps: int, predictor, reference) -> tuple[float, float]:
@@ -280,13 +298,20 @@ def encoder_points(subject: CurveSubject, settings: CurveSettings, reference, dr
         keys = calibrated_key_steps(drift, budget)
         runs.append(("calibrated", f"calibrated {budget} keys", KeyStepSpec("custom", custom=keys)))
     runs += [("adaptive", f"adaptive {t:g}", KeyStepSpec("adaptive", threshold=t)) for t in settings.thresholds]
+    # The same presets with a linear forecast, and key steps fitted to its error (Reuse Calibrate with forecast linear)
+    runs += [("preset+forecast", f"{label}, forecast linear", keys) for kind, label, keys in runs if kind == "preset"]
+    for budget in settings.key_budgets:
+        keys = forecast_fit(drift, "encoder", budget).steps
+        runs.append(("calibrated+forecast", f"calibrated {budget} keys, forecast linear",
+                     KeyStepSpec("custom", custom=keys)))  # fmt: skip
     points = []
     for kind, label, keys in runs:
-        predictor = keys_recorded(subject.encoder(encoder_config(keys)))
+        forecast = FORECAST if kind.endswith("+forecast") else 0
+        predictor = keys_recorded(subject.encoder(encoder_config(keys, forecast)))
         value, wall = evaluate(subject, settings, n, predictor, reference)
         count = len(predictor.keys)
         cost = (count * flops["full"] + (n - count) * flops["decoder"]) / (n * flops["full"])
-        detail = {"key_steps": list(predictor.keys)}
+        detail = {"key_steps": list(predictor.keys), "forecast": ForecastSpec(forecast).name}
         points.append(Point(subject.name, "encoder", kind, label, cost, value, wall, detail))
         log(f"  {label}: {count} keys, {cost:.3f}x FLOPs, {value:.2f} dB")
     return points
@@ -298,6 +323,9 @@ def attention_points(subject: CurveSubject, settings: CurveSettings, reference, 
     for r in settings.reuse_counts:
         runs.append(("preset", f"HURRY r={r}", "output", hurry(n, r)))
         runs.append(("calibrated", f"calibrated r={r}", "output", calibrated_schedule(drift, r)))
+        runs.append(("preset+forecast", f"HURRY r={r}, forecast linear", "output", hurry(n, r)))
+        runs.append(("calibrated+forecast", f"calibrated r={r}, forecast linear", "output",
+                     forecast_fit(drift, "output", n - r).schedule(n)))  # fmt: skip
     if n == phast_search.SEARCH_STEPS:  # PHAST's setting: its preset, and its search where this model has one
         reuse = phast_search.SEARCH_REUSE
         runs.append(("preset", f"PHAST preset r={reuse}", "output", phast_preset(n, reuse)))
@@ -309,11 +337,12 @@ def attention_points(subject: CurveSubject, settings: CurveSettings, reference, 
                 runs.append(("phast", f"PHAST searched r={reuse} ({mode})", mode, schedule))
     points = []
     for kind, label, mode, schedule in runs:
-        predictor = subject.attention(attention_config(mode), schedule)
+        forecast = FORECAST if kind.endswith("+forecast") else 0
+        predictor = subject.attention(attention_config(mode, forecast), schedule)
         value, wall = evaluate(subject, settings, n, predictor, reference)
         reuse = schedule.reuse_count
         cost = ((n - reuse) * flops["full"] + reuse * flops[f"reuse_{mode}"]) / (n * flops["full"])
-        detail = {"schedule": str(schedule), "mode": mode}
+        detail = {"schedule": str(schedule), "mode": mode, "forecast": ForecastSpec(forecast).name}
         points.append(Point(subject.name, "attention", kind, label, cost, value, wall, detail))
         log(f"  {label}: {schedule}, {cost:.3f}x FLOPs, {value:.2f} dB")
     return points
@@ -331,7 +360,7 @@ def summarise(points: list[Point], fewer: dict[tuple[str, int], list[Point]], se
             for p in chosen:
                 base = equal_cost_psnr(fewer[model, steps], p.flops_ratio)
                 p.gain_db = None if base is None else p.psnr - base
-            for kind in ("preset", "calibrated", "adaptive", "phast"):
+            for kind in KINDS:
                 scored = [p for p in chosen if p.kind == kind and p.gain_db is not None]
                 if scored:
                     best = max(scored, key=lambda p: p.gain_db)
@@ -351,7 +380,7 @@ def plot(points: list[Point], fewer: dict[tuple[str, int], list[Point]], setting
     panels = [(model, method, steps) for model in dict.fromkeys(p.model for p in points)
               for method, steps in method_steps(settings)]  # fmt: skip
     fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4.5 * len(panels)), squeeze=False)
-    markers = {"preset": "s", "calibrated": "o", "adaptive": "^", "phast": "*"}
+    markers = dict(zip(KINDS, ("s", "o", "^", "*", "D", "P"), strict=True))
     for row, (model, method, steps) in enumerate(panels):
         curve = [p for p in fewer[model, steps] if math.isfinite(p.psnr)]
         for col, (axis, key) in enumerate((("model FLOPs / reference", "flops_ratio"), ("wall s", "wall_s"))):

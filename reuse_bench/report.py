@@ -179,7 +179,8 @@ def plot_png(result: dict, path: Path) -> None:
         finite = [r["psnr_mean"] for r in rows if math.isfinite(r["psnr_mean"])]
         cap = max([*finite, 40.0]) + 5
         # The plain sampler's fewer-steps curve (speed-up of n steps = steps / n): what a method has to beat.
-        curve = (result.get("fewer_steps", {}).get(model) or {}).get(steps) or {}
+        by_reference = result.get("fewer_steps", {}).get(model) or {}
+        curve = by_reference.get(steps) or by_reference.get(str(steps)) or {}  # str keys once read back from JSON
         points = sorted((steps / int(n), v) for n, v in curve.items() if math.isfinite(v))
         if points:
             ax.plot(*zip(*points, strict=True), color="black", lw=0.8, ls="--", label=f"{plain}, fewer steps")

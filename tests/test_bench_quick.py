@@ -68,11 +68,31 @@ def test_calibrated_rows_have_the_presets_budgets(quick_run):
     out, _ = quick_run
     rows = json.loads((out / "results.json").read_text())["rows"]
     for model, reuse in (("U-Net", ATTENTION_REUSE), ("DiT", DIT_ATTENTION_REUSE)):
-        mine = {r["family"]: r for r in rows if r["model"] == model and "calibrated" in r["method"]}
         paper = next(r for r in rows if r["model"] == model and r["family"] == "encoder" and "paper" in r["method"])
-        assert len(mine["encoder"]["settings"]["key_steps"]) == len(paper["settings"]["key_steps"]), model
-        assert mine["encoder"]["settings"]["key_steps"] != paper["settings"]["key_steps"], model
-        assert mine["attention"]["settings"]["schedule"].count("0") == reuse, model
+        mine = [r for r in rows if r["model"] == model and "calibrated" in r["method"]]
+        # fitted once for reuse and once for a linear forecast's error, each run with its forecast
+        assert sorted((r["family"], r["settings"]["forecast"]) for r in mine) == [
+            ("attention", "linear"), ("attention", "reuse"), ("encoder", "linear"), ("encoder", "reuse")
+        ], model  # fmt: skip
+        for row in mine:
+            if row["family"] == "encoder":
+                assert len(row["settings"]["key_steps"]) == len(paper["settings"]["key_steps"]), model
+                assert row["settings"]["key_steps"] != paper["settings"]["key_steps"], model
+            else:
+                assert row["settings"]["schedule"].count("0") == reuse, model
+
+
+def test_every_forecast_row_has_its_reuse_twin_and_the_fewer_steps_curve_is_kept(quick_run):
+    from reuse_bench.report import forecast_gains
+
+    out, _ = quick_run
+    result = json.loads((out / "results.json").read_text())
+    forecast = [r for r in result["rows"] if r["settings"].get("forecast", "reuse") != "reuse"]
+    assert forecast and len(forecast_gains(result["rows"])) == len(forecast)
+    assert "Forecast linear against reuse at the same schedule" in (out / "results.md").read_text()
+    for model in ("U-Net", "DiT"):
+        curve = result["fewer_steps"][model]
+        assert curve and all(len(points) > 1 for points in curve.values()), model
 
 
 def test_quick_numbers_are_consistent(quick_run):

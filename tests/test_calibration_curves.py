@@ -55,6 +55,7 @@ def test_recorded_drift_is_a_square_matrix_per_quantity(subjects):
     for subject in subjects:
         drift = cc.record_drift(subject, STEPS)
         assert len(drift["weights"]) == STEPS and all(w >= 0 for w in drift["weights"])
+        assert all(t.steps == STEPS and t.elements > 0 for t in drift["trajectories"].values()), subject.name
         for name in ("encoder", "map", "output"):
             matrix = drift[name]
             assert len(matrix) == STEPS and all(len(row) == STEPS for row in matrix), (subject.name, name)
@@ -70,6 +71,10 @@ def test_settings_run_their_budget_and_cost(curves):
         assert points["calibrated r=3"].detail["schedule"].count("0") == 3
         assert points["HURRY r=3"].detail["schedule"] == "1" * (ATTENTION_STEPS - 3) + "0" * 3
         assert points["calibrated r=10 (map)"].detail["schedule"].count("0") == 10
+        fitted = points["calibrated 3 keys, forecast linear"]  # fitted to a linear forecast's error, run with it
+        assert len(fitted.detail["key_steps"]) == 3 and fitted.detail["forecast"] == "linear"
+        assert points["calibrated r=3, forecast linear"].detail["schedule"].count("0") == 3
+        assert points["HURRY r=3, forecast linear"].flops_ratio == points["HURRY r=3"].flops_ratio
         for p in points.values():
             assert 0 < p.flops_ratio < 1 and math.isfinite(p.psnr), (model, p.label)
         # fewer key steps cost less; the same number of reused steps costs the same whichever steps they are
