@@ -14,7 +14,7 @@ sampled with ``comfy.sample.sample`` and PyTorch SDPA attention, ComfyUI importe
     heads, FFN 13824, 512 umT5 tokens) at reduced depth (``--wan-layers``, default 8 of 40), bf16, 480x832 with
     17 frames (5 latent frames, 7800 tokens), CFG 5.
 
-Per model, ``--steps`` (20) euler steps of seven variants, interleaved over ``--rounds`` (3) rounds after one
+Per model, ``--steps`` (20) euler steps of nine variants, interleaved over ``--rounds`` (3) rounds after one
 warm-up run; every time is the median over the rounds, with ``torch.cuda.synchronize()`` around it:
 
   * ``baseline``: the unpatched model;
@@ -23,6 +23,7 @@ warm-up run; every time is the median over the rounds, with ``torch.cuda.synchro
     (``EFP uniform k=4 seq``, the run the step kinds below come from);
   * ``AMR defaults``: Attention Map Reuse at its node defaults (``phast``, 10 reused steps, ``map`` mode, 2048 MB);
   * ``AMR output``: ``phast`` 10 in ``output`` mode with ``memory_budget_mb`` ``OUTPUT_BUDGET_MB``;
+  * ``AMR output + linear`` and ``EFP uniform k=4 + linear``: those two with ``forecast = linear`` (its cost);
   * ``AMR output + EFP defaults``: both nodes chained (attention reuse first), as in the README's diagram.
 
 Results: ``speedup`` = baseline wall / variant wall; ``peak_gib`` = ``torch.cuda.max_memory_allocated`` over the
@@ -305,6 +306,9 @@ VARIANTS = (
     Variant("EFP uniform k=4 seq", encoder=dict(key_steps="uniform", uniform_k=4, parallel_decoding=False)),
     Variant("AMR defaults", attention={}),
     Variant("AMR output", attention=OUTPUT_MODE),
+    # What a forecast costs on top of the same reuse (its extra snapshots, the extrapolation)
+    Variant("AMR output + linear", attention={**OUTPUT_MODE, "forecast": "linear"}),
+    Variant("EFP uniform k=4 + linear", encoder=dict(key_steps="uniform", uniform_k=4, forecast="linear")),
     Variant("AMR output + EFP defaults", attention=OUTPUT_MODE, encoder={}),
 )
 
