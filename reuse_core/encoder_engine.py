@@ -219,6 +219,12 @@ class EncoderPropagationEngine:
         self.step_timesteps = [float(t) for t in step_timesteps]
         self.parallel = parallel
         self.forecast = forecast or ForecastSpec()
+        # the last step that can run decoder-only (an adaptive plan decides each step while sampling)
+        self._last_decoded_step = (
+            plan.steps - 1
+            if plan.adaptive_threshold is not None
+            else max((j for j in range(plan.steps) if not plan.is_full(j)), default=-1)
+        )
         # per cache key: the last key steps' features (one at order 0, the papers' reuse), forecast at decoded steps
         self._features: dict[Hashable, Forecast[EncoderFeatures]] = {}
         # step whose full pass produced each cache entry: detects key steps that never reached the engine
@@ -282,9 +288,7 @@ class EncoderPropagationEngine:
         return not self.plan.is_full(step.index + 1) or not self.plan.is_full(step.index)
 
     def _decoded_later(self, step: int) -> bool:
-        if self.plan.adaptive_threshold is not None:
-            return step + 1 < self.plan.steps
-        return any(not self.plan.is_full(j) for j in range(step + 1, self.plan.steps))
+        return step < self._last_decoded_step
 
     # Bookkeeping after a full pass -------------------------------------------------------------------
     def record_full_pass(self, step: StepMatch | None, cache_key: Hashable, features: EncoderFeatures | None) -> None:
