@@ -42,63 +42,31 @@ import torch
 
 from ..reuse_core.encoder_engine import EncoderFeatures, encoder_block_count, tile_rows
 from .comfy_steps import DECODER_STEPS_KEY, ENCODER_SKIPPED_KEY
+from .families import Family, encoder_family, transformer_labels
 
 PASS_KEY = "comfyui_reuse.encoder_propagation.pass"
 
 
-@dataclass(frozen=True)
-class BlockStack:
-    attribute: str  # the diffusion model's ModuleList of blocks
-    replace_key: str | None  # its name in patches_replace["dit"]; None: ComfyUI has no block replacement
-
-
-@dataclass(frozen=True)
-class DiTFamily:
-    label: str
-    stacks: tuple[BlockStack, ...]
-
-
-_DOUBLE_THEN_SINGLE = (BlockStack("double_blocks", "double_block"), BlockStack("single_blocks", "single_block"))
-
-# By the diffusion model's exact class: a subclass may change the forward around the blocks (VACE, camera or
-# pixel-space variants), so it is refused until it is tested.
-DIT_FAMILIES = {
-    "Flux": DiTFamily("Flux.1 / Flux.2", _DOUBLE_THEN_SINGLE),
-    "Chroma": DiTFamily("Chroma", _DOUBLE_THEN_SINGLE),
-    "HunyuanVideo": DiTFamily("HunyuanVideo", _DOUBLE_THEN_SINGLE),
-    "QwenImageTransformer2DModel": DiTFamily("Qwen-Image", (BlockStack("transformer_blocks", "double_block"),)),
-    "WanModel": DiTFamily("Wan 2.x", (BlockStack("blocks", "double_block"),)),
-    "LTXVModel": DiTFamily("LTX-Video", (BlockStack("transformer_blocks", "double_block"),)),
-    "NextDiT": DiTFamily("Lumina 2 / Z-Image", (BlockStack("layers", None),)),
-}
-
-# Families with block replacement whose forward has no DIFFUSION_MODEL wrapper point, where the passes are run.
-REFUSED_FAMILIES = {
-    "OpenAISignatureMMDITWrapper": (
-        "SD3 / SD3.5: ComfyUI's MMDiT forward has no DIFFUSION_MODEL wrapper point, where Encoder Feature "
-        "Propagation runs its decoder-only and batched passes (its block replacement alone cannot batch steps)"
-    ),
-}
-
-
-def dit_family(net) -> DiTFamily | None:
-    return DIT_FAMILIES.get(type(net).__name__)
+def dit_family(net) -> Family | None:
+    """``net``'s family where Encoder Feature Propagation splits it (``families``: by exact class), else None."""
+    family = encoder_family(net)
+    return family if family is not None and family.stacks else None
 
 
 def dit_unsupported_reason(net) -> str | None:
     """Why encoder propagation cannot split ``net`` (a diffusion transformer), or None."""
     family = dit_family(net)
     name = f"{type(net).__module__}.{type(net).__name__}"
-    if type(net).__name__ in REFUSED_FAMILIES:
+    known = encoder_family(net)
+    if known is not None and known.refused:
         return (
             f"Encoder Feature Propagation cannot split this model's diffusion model ({name}): "
-            f"{REFUSED_FAMILIES[type(net).__name__]}. Remove the node for this model."
+            f"{known.label}: {known.refused}. Remove the node for this model."
         )
     if family is None:
         return (
             f"Encoder Feature Propagation cannot split this model's diffusion model ({name}): it is neither a U-Net "
-            f"nor a transformer family it supports ({', '.join(f.label for f in DIT_FAMILIES.values())}). "
-            "Remove the node for this model."
+            f"nor a transformer family it supports ({transformer_labels()}). Remove the node for this model."
         )
     depth = sum(len(getattr(net, stack.attribute)) for stack in family.stacks)
     if depth < 2:
@@ -122,7 +90,7 @@ def object_patches(net) -> dict[str, Any]:
 class BlockSplit:
     """Where one run splits the model: the family's block stacks and how many leading blocks are the encoder."""
 
-    family: DiTFamily
+    family: Family
     lengths: tuple[int, ...]  # blocks per stack
     encoder_blocks: int
 

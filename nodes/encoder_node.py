@@ -12,6 +12,7 @@ from ..reuse_core.forecast import FORECASTS, ForecastSpec
 from ..reuse_core.key_steps import ADAPTIVE_DEFAULT_THRESHOLD, PRESETS, KeyStepSpec
 from ..reuse_core.noise_injection import PAPER_ALPHA, PAPER_TAU, PriorNoiseInjection
 from .encoder_hooks import apply_encoder_propagation
+from .families import transformer_labels
 
 
 def encoder_fraction_input(tooltip: str) -> io.Float.Input:
@@ -48,8 +49,8 @@ class EncoderFeaturePropagation(io.ComfyNode):
             description=(
                 "Faster Diffusion (Li et al., NeurIPS 2024): run the encoder only at key steps and reuse its "
                 "features in the decoder at the other steps, optionally decoding several steps in one batch. "
-                "U-Nets (SD1.x / SD2.x / SDXL): the encoder is the input and middle blocks. Transformers (Flux, "
-                "Chroma, Qwen-Image, Wan, HunyuanVideo, LTX-Video, Z-Image / Lumina 2): the leading blocks."
+                "U-Nets (SD1.x / SD2.x / SDXL): the encoder is the input and middle blocks. Transformers "
+                f"({transformer_labels()}): the leading blocks."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to speed up: a U-Net or a supported transformer."),

@@ -15,23 +15,13 @@ import tiny_dits
 import torch
 from run_records import ENCODER
 
+from nodes.families import BY_CLASS
 from reuse_core.metrics import psnr
 
 STEPS = 6
-FAMILIES = [
-    "flux",
-    "flux2",
-    "chroma",
-    "qwen_image",
-    "wan21",
-    "wan22",
-    "hunyuan_video",
-    "hunyuan_video15",
-    "ltxv",
-    "lumina2",
-    "zimage",
-]
-REFUSED = ["sd3", "sd35", "cogvideox", "kandinsky5", "krea2"]
+# From the one families table: the tiny models whose class Encoder Feature Propagation splits, and those it refuses.
+FAMILIES = [name for name, f in tiny_dits.FAMILIES.items() if BY_CLASS[f.diffusion_model].stacks]
+REFUSED = [name for name, f in tiny_dits.FAMILIES.items() if not BY_CLASS[f.diffusion_model].stacks]
 
 
 @pytest.fixture(scope="module")
