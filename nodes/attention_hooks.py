@@ -65,6 +65,7 @@ from .comfy_steps import (
     transformer_options_of,
     with_transformer_options,
 )
+from .compile_support import outside_dynamo, warn_if_bypassed
 
 WRAPPER_KEY = "comfyui_reuse.attention"
 RUN_STATE_KEY = "comfyui_reuse.attention.run"
@@ -243,7 +244,7 @@ def make_attention_override(previous=None):
             mask=mask,
         )
 
-    return attention_override
+    return outside_dynamo(attention_override)  # never traced into a compiled graph (compile_support)
 
 
 def _with_rows(args: tuple, kwargs: dict, q, k, v, mask) -> tuple[tuple, dict]:
@@ -309,6 +310,8 @@ def make_outer_sample_wrapper(patch: ReusePatch):
         finally:
             for line in runs.summaries(time.perf_counter() - start):
                 logging.info(line)
+            seen = any(run.stats.layers for run in runs.by_device.values())
+            warn_if_bypassed(guider.model_patcher, "Attention Map Reuse", "attention call", seen)
             runs.reset()
             guider.model_options = original_options
 

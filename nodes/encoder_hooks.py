@@ -24,6 +24,7 @@ from ..reuse_core.noise_injection import PriorNoiseInjection, sample_euler_prior
 from ..reuse_core.schedules import StepCoverage
 from .attention_hooks import sampler_name
 from .comfy_steps import sigmas_of_sample, step_of_call, transformer_options_of
+from .compile_support import CompiledPasses, outside_dynamo, warn_if_bypassed
 from .dit_host import BlockSplit, ComfyDiTHost, dit_unsupported_reason, object_patches
 from .unet_decoder import ComfyUNetHost, bind_unet_call, has_output_control, is_unet, unet_unsupported_reason
 
@@ -171,6 +172,7 @@ def make_outer_sample_wrapper(config: EncoderPropagationConfig):
         net = patcher.get_model_object("diffusion_model")
         split = None if is_unet(net) else BlockSplit.of(net, config.encoder_fraction)
         run = EncoderPropagationRun(config, sigmas, model_sampling, split, sampler)
+        run.compiled = CompiledPasses(guider)  # under TorchCompileModel: the passes run compiled
         original_options = guider.model_options
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         guider.model_options.setdefault("transformer_options", {})[RUN_STATE_KEY] = run
@@ -178,17 +180,21 @@ def make_outer_sample_wrapper(config: EncoderPropagationConfig):
             return executor(*args, **kwargs)
         finally:
             logging.info(run.log_line())
+            stats = run.engine.stats
+            warn_if_bypassed(patcher, LOG_NAME, "model call", stats.full_passes + stats.encoder_passes_saved > 0)
             run.reset()
             guider.model_options = original_options
 
     return outer_sample_wrapper
 
 
+@outside_dynamo  # never traced into a compiled graph (compile_support)
 def diffusion_model_wrapper(executor, *args, **kwargs):
     options = transformer_options_of(args, kwargs)
     run: EncoderPropagationRun | None = options.get(RUN_STATE_KEY)
     if run is None:  # not inside a sampler run of this model
         return executor(*args, **kwargs)
+    executor = run.compiled.executor(executor)
     net = executor.class_obj  # checked once per run by the OUTER_SAMPLE wrapper
     step = step_of_call(options)
     run.coverage.record(step)
