@@ -66,49 +66,11 @@ from .comfy_steps import (
     with_transformer_options,
 )
 from .compile_support import outside_dynamo, warn_if_bypassed
+from .families import FAMILIES, attention_family
 
 WRAPPER_KEY = "comfyui_reuse.attention"
 RUN_STATE_KEY = "comfyui_reuse.attention.run"
 FORWARD_KEY = "comfyui_reuse.attention.forward"
-
-# Diffusion-model classes (matched along the MRO) whose attention goes through ComfyUI's optimized
-# attention with transformer_options, checked on ComfyUI 0.3.64 and 0.33.0. Tested with tiny real models
-# (tests/test_attention_reuse_comfy.py, tests/test_attention_families_comfy.py): U-Net (SD1.5, SDXL), Flux.1,
-# Flux.2, Chroma, SD3, SD3.5, Lumina 2, Z-Image, Qwen-Image, Wan 2.1/2.2, HunyuanVideo 1.0/1.5, LTX-Video,
-# Kandinsky 5, CogVideoX, Lens, MageFlow, Krea 2, JoyImage, Ideogram 4, Boogu (these eight and Flux.2, Z-Image,
-# HunyuanVideo 1.5 exist in 0.33.0 only).
-# Listed but not tested: HiDream, Mochi, Cosmos, Cosmos Predict2.
-SUPPORTED_DIFFUSION_MODELS = {
-    "UNetModel": "U-Net (SD1.x/2.x/SDXL/SVD)",
-    "Flux": "Flux",
-    "Chroma": "Chroma",
-    "OpenAISignatureMMDITWrapper": "SD3 (MMDiT)",
-    "WanModel": "Wan",
-    "QwenImageTransformer2DModel": "Qwen-Image",
-    "HunyuanVideo": "HunyuanVideo",
-    "LTXVModel": "LTX-Video",
-    "HiDreamImageTransformer2DModel": "HiDream",
-    "NextDiT": "Lumina 2",
-    "AsymmDiTJoint": "Mochi",
-    "GeneralDIT": "Cosmos",
-    "MiniTrainDIT": "Cosmos Predict2",
-    "Kandinsky5": "Kandinsky 5",
-    "CogVideoXTransformer3DModel": "CogVideoX",
-    "LensTransformer2DModel": "Lens",
-    "MageFlowTransformer2DModel": "MageFlow",
-    "SingleStreamDiT": "Krea 2",
-    "JoyImageTransformer3DModel": "JoyImage",
-    "Ideogram4Transformer2DModel": "Ideogram 4",
-    "BooguTransformer2DModel": "Boogu",
-}
-
-
-def supported_family(diffusion_model) -> str | None:
-    for cls in type(diffusion_model).__mro__:
-        if cls.__name__ in SUPPORTED_DIFFUSION_MODELS and cls.__module__.startswith("comfy."):
-            return SUPPORTED_DIFFUSION_MODELS[cls.__name__]
-    return None
-
 
 @dataclass(frozen=True)
 class ReusePatch:
@@ -323,13 +285,13 @@ def apply_attention_reuse(model, config: AttentionReuseConfig, spec: ScheduleSpe
     import comfy.patcher_extension
 
     diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
-    if diffusion_model is None or supported_family(diffusion_model) is None:
+    if diffusion_model is None or attention_family(diffusion_model) is None:
         target = diffusion_model if diffusion_model is not None else getattr(model, "model", model)
         name = type(target).__name__
         raise ValueError(
             f"model: Attention Map Reuse cannot patch {name}: its attention does not go through ComfyUI's "
             f"optimized attention with transformer_options. Supported: "
-            f"{', '.join(sorted(set(SUPPORTED_DIFFUSION_MODELS.values())))}."
+            f"{', '.join(f.label for f in FAMILIES if f.attention)}."
         )
     patched = model.clone()
     chain_attention_override(patched.model_options.setdefault("transformer_options", {}), make_attention_override)

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 from ..reuse_core.attention_math import kv_to_heads, to_heads
 from ..reuse_core.calibration import DEFAULT_MAX_ELEMENTS, ChangeRecorder
-from .attention_hooks import supported_family
 from .comfy_steps import (
     chain_attention_override,
     holds_pack_override,
@@ -42,6 +41,7 @@ from .comfy_steps import (
 from .compile_support import without_compile
 from .dit_host import BlockSplit, ComfyDiTHost, object_patches
 from .encoder_hooks import unsupported_reason
+from .families import attention_family
 from .unet_decoder import ComfyUNetHost, bind_unet_call, is_unet
 
 WRAPPER_KEY = "comfyui_reuse.calibrate"
@@ -224,7 +224,7 @@ def check_model(model) -> None:
                 f"Calibrate before {node} (or without it)"
             )
     net = model.get_model_object("diffusion_model")
-    if supported_family(net) is None and unsupported_reason(net) is not None:
+    if attention_family(net) is None and unsupported_reason(net) is not None:
         name = f"{type(net).__module__}.{type(net).__name__}"
         raise ValueError(
             f"model: neither Encoder Feature Propagation nor Attention Map Reuse supports this model's diffusion model "

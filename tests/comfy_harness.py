@@ -11,6 +11,21 @@ from reuse_bench.comfyui_env import comfyui_version, find_comfyui, import_comfy,
 __all__ = ["PACK_DIR", "comfyui_version", "find_comfyui", "import_comfy", "load_pack"]
 
 
+def pack_families():
+    """The pack's ``nodes/families.py`` (it imports nothing), loaded by path: ``import nodes.families`` would put this
+    repository's ``nodes`` package in place of ComfyUI's ``nodes`` module for the rest of the session."""
+    import importlib.util
+    import sys
+
+    name = "comfyui_reuse_families"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PACK_DIR / "nodes" / "families.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def comfyui_unavailable_reason() -> str | None:
     """Why real ComfyUI cannot be used here, or None. Under ``CI=true`` the tests fail on it instead of skipping."""
     try:

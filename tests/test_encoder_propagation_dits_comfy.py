@@ -15,11 +15,11 @@ import tiny_dits
 import torch
 from run_records import ENCODER
 
-from nodes.families import BY_CLASS
 from reuse_core.metrics import psnr
 
 STEPS = 6
 # From the one families table: the tiny models whose class Encoder Feature Propagation splits, and those it refuses.
+BY_CLASS = h.pack_families().BY_CLASS
 FAMILIES = [name for name, f in tiny_dits.FAMILIES.items() if BY_CLASS[f.diffusion_model].stacks]
 REFUSED = [name for name, f in tiny_dits.FAMILIES.items() if not BY_CLASS[f.diffusion_model].stacks]
 

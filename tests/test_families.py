@@ -7,8 +7,10 @@ import re
 from pathlib import Path
 
 import tiny_dits
+from comfy_harness import pack_families
 
-from nodes.families import BY_CLASS, FAMILIES, transformer_labels
+families = pack_families()
+BY_CLASS, FAMILIES, transformer_labels = families.BY_CLASS, families.FAMILIES, families.transformer_labels
 
 DOCS = (Path(__file__).resolve().parents[1] / "docs" / "compatibility.md").read_text(encoding="utf-8")
 
