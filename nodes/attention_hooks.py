@@ -59,7 +59,7 @@ from .comfy_steps import (
     DECODER_STEPS_KEY,
     ENCODER_SKIPPED_KEY,
     chain_attention_override,
-    holds_pack_override,
+    run_scope,
     sigmas_of_sample,
     step_of_call,
     transformer_options_of,
@@ -71,6 +71,7 @@ from .families import FAMILIES, attention_family
 WRAPPER_KEY = "comfyui_reuse.attention"
 RUN_STATE_KEY = "comfyui_reuse.attention.run"
 FORWARD_KEY = "comfyui_reuse.attention.forward"
+
 
 @dataclass(frozen=True)
 class ReusePatch:
@@ -243,7 +244,6 @@ def sampler_name(sampler) -> str:
 
 def make_outer_sample_wrapper(patch: ReusePatch):
     def outer_sample_wrapper(executor, *args, **kwargs):
-        import comfy.model_patcher
 
         sigmas = sigmas_of_sample(args, kwargs)
         if len(sigmas) < 2:
@@ -258,24 +258,19 @@ def make_outer_sample_wrapper(patch: ReusePatch):
                 f"attention {patch.config.targets}"
             )
         guider = executor.class_obj
-        original_options = guider.model_options
-        guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-        options = guider.model_options.setdefault("transformer_options", {})
         sampler = sampler_name(args[2] if len(args) > 2 else kwargs.get("sampler"))
         why = patch.spec.nothing_to_reuse(resolved)
-        runs = options[RUN_STATE_KEY] = AttentionRuns(patch.config, resolved.schedule, why, sampler)
-        if not holds_pack_override(options):
-            chain_attention_override(options, make_attention_override)
+        runs = AttentionRuns(patch.config, resolved.schedule, why, sampler)
         start = time.perf_counter()
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            for line in runs.summaries(time.perf_counter() - start):
-                logging.info(line)
-            seen = any(run.stats.layers for run in runs.by_device.values())
-            warn_if_bypassed(guider.model_patcher, "Attention Map Reuse", "attention call", seen)
-            runs.reset()
-            guider.model_options = original_options
+        with run_scope(guider, RUN_STATE_KEY, runs, make_attention_override):
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                for line in runs.summaries(time.perf_counter() - start):
+                    logging.info(line)
+                seen = any(run.stats.layers for run in runs.by_device.values())
+                warn_if_bypassed(guider.model_patcher, "Attention Map Reuse", "attention call", seen)
+                runs.reset()
 
     return outer_sample_wrapper
 

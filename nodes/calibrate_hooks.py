@@ -32,7 +32,7 @@ from ..reuse_core.attention_math import kv_to_heads, to_heads
 from ..reuse_core.calibration import DEFAULT_MAX_ELEMENTS, ChangeRecorder
 from .comfy_steps import (
     chain_attention_override,
-    holds_pack_override,
+    run_scope,
     sigmas_of_sample,
     step_of_call,
     transformer_options_of,
@@ -124,7 +124,6 @@ def make_recording_override(previous=None):
 
 def make_outer_sample_wrapper(session: CalibrationSession):
     def outer_sample_wrapper(executor, *args, **kwargs):
-        import comfy.model_patcher
 
         sigmas = sigmas_of_sample(args, kwargs)
         if len(sigmas) < 2:
@@ -143,16 +142,10 @@ def make_outer_sample_wrapper(session: CalibrationSession):
             encoder=ChangeRecorder(values),
             attention=ChangeRecorder(values),
         )
-        original = guider.model_options
-        guider.model_options = comfy.model_patcher.create_model_options_clone(original)
-        options = guider.model_options.setdefault("transformer_options", {})
-        options[RUN_STATE_KEY] = run
-        if not holds_pack_override(options):
-            chain_attention_override(options, make_recording_override)
         try:
-            return executor(*args, **kwargs)
+            with run_scope(guider, RUN_STATE_KEY, run, make_recording_override):
+                return executor(*args, **kwargs)
         finally:
-            guider.model_options = original
             session.runs.append(run)
 
     return outer_sample_wrapper

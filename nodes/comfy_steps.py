@@ -3,6 +3,8 @@ place in the ``optimized_attention_override`` slot."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from ..reuse_core.steps import StepMatch, match_step
 
 # Set by Encoder Feature Propagation on the transformer_options of a decoder-only pass that decodes several
@@ -40,6 +42,26 @@ def with_transformer_options(args: tuple, kwargs: dict, options: dict) -> tuple:
     original = transformer_options_of(args, kwargs)
     i = next(i for i in reversed(range(len(args))) if args[i] is original)  # the caller found it there
     return (*args[:i], options, *args[i + 1 :]), kwargs
+
+
+@contextmanager
+def run_scope(guider, state_key: str, state, attention_override=None):
+    """One sampler run's model options, for the ``OUTER_SAMPLE`` wrappers of all three nodes: a clone of the
+    guider's options holding ``state`` under ``state_key`` in ``transformer_options`` (and ``attention_override``
+    chained in, unless a pack override is there already), the guider's own options restored when the run ends, so
+    a run's state never outlives it nor reaches another model. Yields the run's ``transformer_options``."""
+    import comfy.model_patcher
+
+    original = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+    options = guider.model_options.setdefault("transformer_options", {})
+    options[state_key] = state
+    if attention_override is not None and not holds_pack_override(options):
+        chain_attention_override(options, attention_override)
+    try:
+        yield options
+    finally:
+        guider.model_options = original
 
 
 def sigmas_of_sample(args: tuple, kwargs: dict):

@@ -23,7 +23,7 @@ from ..reuse_core.key_steps import reuse_window
 from ..reuse_core.noise_injection import PriorNoiseInjection, sample_euler_prior_noise
 from ..reuse_core.schedules import StepCoverage
 from .attention_hooks import sampler_name
-from .comfy_steps import sigmas_of_sample, step_of_call, transformer_options_of
+from .comfy_steps import run_scope, sigmas_of_sample, step_of_call, transformer_options_of
 from .compile_support import CompiledPasses, outside_dynamo, warn_if_bypassed
 from .dit_host import BlockSplit, ComfyDiTHost, dit_unsupported_reason, object_patches
 from .unet_decoder import ComfyUNetHost, bind_unet_call, has_output_control, is_unet, unet_unsupported_reason
@@ -151,7 +151,6 @@ def injecting_sampler(sampler, injection: PriorNoiseInjection, model_sampling):
 
 def make_outer_sample_wrapper(config: EncoderPropagationConfig):
     def outer_sample_wrapper(executor, *args, **kwargs):
-        import comfy.model_patcher
 
         guider = executor.class_obj
         patcher = guider.model_patcher
@@ -173,17 +172,14 @@ def make_outer_sample_wrapper(config: EncoderPropagationConfig):
         split = None if is_unet(net) else BlockSplit.of(net, config.encoder_fraction)
         run = EncoderPropagationRun(config, sigmas, model_sampling, split, sampler)
         run.compiled = CompiledPasses(guider)  # under TorchCompileModel: the passes run compiled
-        original_options = guider.model_options
-        guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-        guider.model_options.setdefault("transformer_options", {})[RUN_STATE_KEY] = run
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            logging.info(run.log_line())
-            stats = run.engine.stats
-            warn_if_bypassed(patcher, LOG_NAME, "model call", stats.full_passes + stats.encoder_passes_saved > 0)
-            run.reset()
-            guider.model_options = original_options
+        with run_scope(guider, RUN_STATE_KEY, run):
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                logging.info(run.log_line())
+                stats = run.engine.stats
+                warn_if_bypassed(patcher, LOG_NAME, "model call", stats.full_passes + stats.encoder_passes_saved > 0)
+                run.reset()
 
     return outer_sample_wrapper
 
