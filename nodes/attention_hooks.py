@@ -58,6 +58,7 @@ from ..reuse_core.schedules import ReuseSchedule, ScheduleSpec, StepCoverage
 from .comfy_steps import (
     DECODER_STEPS_KEY,
     ENCODER_SKIPPED_KEY,
+    attention_args,
     chain_attention_override,
     run_scope,
     sigmas_of_sample,
@@ -149,15 +150,11 @@ def make_attention_override(previous=None):
     def attention_override(func, *args, **kwargs):
         options = kwargs.get("transformer_options")
         forward = options.get(FORWARD_KEY) if options else None
-        if forward is None or len(args) < 3:
+        call = attention_args(args, kwargs)
+        if forward is None or call is None:
             return call_through(func, args, kwargs)
-        q, k, v = args[0], args[1], args[2]
-        heads = args[3] if len(args) > 3 else kwargs.get("heads")
-        if heads is None:
-            return call_through(func, args, kwargs)
-        mask = kwargs.get("mask", args[4] if len(args) > 4 else None)
-        layout = "bhnd" if kwargs.get("skip_reshape", False) else "bnc"
-        output_layout = "bhnd" if kwargs.get("skip_output_reshape", False) else "bnc"
+        q, k, v, heads, mask = call.q, call.k, call.v, call.heads, call.mask
+        layout, output_layout = call.layout, call.output_layout
         ordinal = forward.calls
         forward.calls += 1
         block = options.get("block")

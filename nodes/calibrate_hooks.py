@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from ..reuse_core.attention_math import kv_to_heads, to_heads
 from ..reuse_core.calibration import DEFAULT_MAX_ELEMENTS, ChangeRecorder
 from .comfy_steps import (
+    attention_args,
     chain_attention_override,
     run_scope,
     sigmas_of_sample,
@@ -107,15 +108,14 @@ def make_recording_override(previous=None):
         options = kwargs.get("transformer_options")
         forward: _Forward | None = options.get(FORWARD_KEY) if options else None
         run: CalibrationRun | None = options.get(RUN_STATE_KEY) if options else None
-        heads = args[3] if len(args) > 3 else kwargs.get("heads")
-        if forward is None or run is None or len(args) < 3 or heads is None:
+        call = attention_args(args, kwargs)
+        if forward is None or run is None or call is None:
             return out
         ordinal = forward.calls
         forward.calls += 1
         run.attention_calls += 1
-        layout = "bhnd" if kwargs.get("skip_reshape", False) else "bnc"
-        q = to_heads(args[0], heads, layout)
-        k = kv_to_heads(args[1], heads, q.shape[-1], layout)
+        q = to_heads(call.q, call.heads, call.layout)
+        k = kv_to_heads(call.k, call.heads, q.shape[-1], call.layout)
         run.attention.record_attention(forward.step, (forward.chunk, ordinal), q, k, out)
         return out
 

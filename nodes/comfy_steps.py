@@ -4,6 +4,8 @@ place in the ``optimized_attention_override`` slot."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from ..reuse_core.steps import StepMatch, match_step
 
@@ -42,6 +44,36 @@ def with_transformer_options(args: tuple, kwargs: dict, options: dict) -> tuple:
     original = transformer_options_of(args, kwargs)
     i = next(i for i in reversed(range(len(args))) if args[i] is original)  # the caller found it there
     return (*args[:i], options, *args[i + 1 :]), kwargs
+
+
+@dataclass(frozen=True)
+class AttentionArgs:
+    """One call of ComfyUI's optimized attention as the nodes' overrides read it."""
+
+    q: Any
+    k: Any
+    v: Any
+    heads: int
+    mask: Any
+    layout: str  # "bnc" ([B, N, H*D]) or "bhnd" (skip_reshape)
+    output_layout: str  # the layout the call returns (skip_output_reshape)
+
+
+def attention_args(args: tuple, kwargs: dict) -> AttentionArgs | None:
+    """``optimized_attention(q, k, v, heads, mask=None, ..., skip_reshape=False, skip_output_reshape=False)``'s
+    arguments, or None for a call that is not one (fewer than three tensors, or no head count)."""
+    heads = args[3] if len(args) > 3 else kwargs.get("heads")
+    if len(args) < 3 or heads is None:
+        return None
+    return AttentionArgs(
+        args[0],
+        args[1],
+        args[2],
+        heads,
+        kwargs.get("mask", args[4] if len(args) > 4 else None),
+        "bhnd" if kwargs.get("skip_reshape", False) else "bnc",
+        "bhnd" if kwargs.get("skip_output_reshape", False) else "bnc",
+    )
 
 
 @contextmanager
