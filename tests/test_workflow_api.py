@@ -66,3 +66,24 @@ def test_link_missing_from_links_is_a_conversion_error():
 def test_malformed_link_entry_is_a_conversion_error(link):
     with pytest.raises(wa.WorkflowConversionError, match="links: malformed entry"):
         wa.ui_to_api(_workflow([link]), OBJECT_INFO)
+
+
+def test_link_into_a_widget_replaces_its_saved_value():
+    """A STRING output wired into a widget input (Reuse Calibrate's schedule into custom_schedule): the widget keeps
+    its slot in widgets_values, the link gives the input's value."""
+    object_info = {
+        **OBJECT_INFO,
+        "Text": {"input": {"required": {}}, "input_order": {"required": []}},
+        "Sink": {
+            "input": {"required": {"value": ["LATENT", {}], "scale": ["FLOAT", {"default": 1.0}]},
+                      "optional": {"schedule": ["STRING", {"default": "1111"}]}},
+            "input_order": {"required": ["value", "scale"], "optional": ["schedule"]},
+        },
+    }  # fmt: skip
+    workflow = _workflow([[1, 1, 0, 2, 0, "LATENT"], [2, 4, 0, 2, 1, "STRING"]])
+    workflow["nodes"][1]["widgets_values"] = [0.5, "1111"]
+    workflow["nodes"][1]["inputs"].append({"name": "schedule", "type": "STRING", "widget": {"name": "schedule"},
+                                           "link": 2})  # fmt: skip
+    workflow["nodes"].append({"id": 4, "type": "Text", "widgets_values": [], "inputs": []})
+    prompt = wa.ui_to_api(workflow, object_info)
+    assert prompt["2"]["inputs"] == {"scale": 0.5, "schedule": ["4", 0], "value": ["1", 0]}

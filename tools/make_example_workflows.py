@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.util
 import json
 import sys
 import uuid
@@ -26,21 +28,58 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 from workflow_api import FRONTEND_ONLY_NODES, has_control_widget, is_widget, ordered_inputs  # noqa: E402
+from workflow_api import widget_names as widget_names_of  # noqa: E402
 
 OUT_DIR = REPO / "example_workflows"
 GENERATED_WITH = "0.3.64"
 PACK_ID = "comfyui-reuse"
 SD15_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
-MODEL_URLS = {
-    SD15_CHECKPOINT: "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
-    "v1-5-pruned-emaonly.safetensors?download=true",
-    SDXL_CHECKPOINT: "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
-    "sd_xl_base_1.0.safetensors?download=true",
+# The transformer examples load diffusion model, text encoder(s) and VAE separately, under the file names of the
+# official ComfyUI templates (Comfy-Org's repackaged files).
+FLUX_DIT = "flux1-dev.safetensors"
+CLIP_L = "clip_l.safetensors"
+T5XXL = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
+ZIMAGE_DIT = "z_image_turbo_bf16.safetensors"
+QWEN3_4B = "qwen_3_4b.safetensors"
+WAN21_DIT = "wan2.1_t2v_1.3B_fp16.safetensors"
+UMT5_XXL = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN21_VAE = "wan_2.1_vae.safetensors"
+_ZIMAGE = "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/"
+_WAN21 = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
+_FLUX_TE = "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/"
+# file name -> (ComfyUI models folder, download URL); the frontend offers the download when a file is missing
+MODEL_FILES = {
+    SD15_CHECKPOINT: ("checkpoints", "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
+                      "v1-5-pruned-emaonly.safetensors?download=true"),
+    SDXL_CHECKPOINT: ("checkpoints", "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
+                      "sd_xl_base_1.0.safetensors?download=true"),
+    FLUX_DIT: ("diffusion_models", "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors"),
+    CLIP_L: ("text_encoders", f"{_FLUX_TE}clip_l.safetensors"),
+    T5XXL: ("text_encoders", f"{_FLUX_TE}t5xxl_fp16.safetensors"),
+    FLUX_VAE: ("vae", f"{_ZIMAGE}vae/ae.safetensors"),
+    ZIMAGE_DIT: ("diffusion_models", f"{_ZIMAGE}diffusion_models/z_image_turbo_bf16.safetensors"),
+    QWEN3_4B: ("text_encoders", f"{_ZIMAGE}text_encoders/qwen_3_4b.safetensors"),
+    WAN21_DIT: ("diffusion_models", f"{_WAN21}diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors"),
+    UMT5_XXL: ("text_encoders", f"{_WAN21}text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+    WAN21_VAE: ("vae", f"{_WAN21}vae/wan_2.1_vae.safetensors"),
+}  # fmt: skip
+# The loader widgets that name a model file.
+MODEL_WIDGETS = {
+    "CheckpointLoaderSimple": ("ckpt_name",),
+    "UNETLoader": ("unet_name",),
+    "CLIPLoader": ("clip_name",),
+    "DualCLIPLoader": ("clip_name1", "clip_name2"),
+    "VAELoader": ("vae_name",),
 }
-PACK_NODES = ("AttentionMapReuse", "EncoderFeaturePropagation")
-CORE_NODES = ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
-              "SaveImage", "PreviewImage")  # fmt: skip
+PACK_NODES = ("AttentionMapReuse", "EncoderFeaturePropagation", "ReuseCalibrate")
+# Every core node an example uses; each exists in every tested ComfyUI (checked by the browser test, which loads
+# every example in each version's frontend).
+CORE_NODES = ("CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "DualCLIPLoader", "VAELoader", "CLIPTextEncode",
+              "FluxGuidance", "ConditioningZeroOut", "EmptyLatentImage", "EmptySD3LatentImage",
+              "EmptyHunyuanLatentVideo", "ModelSamplingAuraFlow", "ModelSamplingSD3", "KSampler", "VAEDecode",
+              "SaveImage", "PreviewImage", "SaveAnimatedWEBP", "PreviewAny")  # fmt: skip
 SEED = 123456789
 POSITIVE = "a lighthouse on a rocky coast at sunset, dramatic clouds, detailed oil painting"
 NEGATIVE = "blurry, low quality, watermark, text"
@@ -57,6 +96,7 @@ NOTE_COLOR = ("#432", "#653")
 
 
 def _v1_node_info(name: str, cls, display_names: dict) -> dict:
+    """``/object_info`` of a V1 node, as ComfyUI's server builds it (``server.py``, ``node_info``)."""
     inputs = cls.INPUT_TYPES()
     return {
         "input": inputs,
@@ -71,6 +111,60 @@ def _v1_node_info(name: str, cls, display_names: dict) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _comfyui_top_level(root: Path):
+    """ComfyUI's own top-level ``nodes`` (nodes.py) and ``utils`` (package) under those names while inside, as in its
+    server (main.py imports ``utils`` first, then ``nodes``). A test process may hold other modules there (ComfyUI's
+    nodes.py puts ``comfy/`` first on ``sys.path``, where ``utils`` is comfy/utils.py; this repository has a
+    ``nodes`` package): they are set aside and put back afterwards."""
+    wanted = {"utils": root / "utils" / "__init__.py", "nodes": root / "nodes.py"}
+    saved = {}
+    for name, path in wanted.items():
+        current = sys.modules.get(name)
+        if current is not None and Path(getattr(current, "__file__", "") or "").resolve() == path.resolve():
+            continue
+        saved.update({n: m for n, m in sys.modules.items() if n == name or n.startswith(name + ".")})
+        for n in [n for n in sys.modules if n == name or n.startswith(name + ".")]:
+            del sys.modules[n]
+        locations = [str(path.parent)] if path.name == "__init__.py" else None
+        spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=locations)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    try:
+        yield sys.modules["nodes"]
+    finally:
+        for name in saved:
+            sys.modules[name] = saved[name]
+
+
+def _core_node_info(root: Path) -> dict:
+    """``/object_info`` of ``CORE_NODES``, with ComfyUI's built-in extra nodes (``comfy_extras``: Flux, SD3, video,
+    ...) loaded as its server loads them."""
+    import logging
+
+    with _comfyui_top_level(root) as comfy_nodes:
+        if not all(name in comfy_nodes.NODE_CLASS_MAPPINGS for name in CORE_NODES):
+            # Extra modules with optional dependencies (kornia, ...) log an import failure each: not ours to report.
+            previous = logging.root.manager.disable
+            logging.disable(logging.WARNING)
+            try:
+                asyncio.run(comfy_nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+            finally:
+                logging.disable(previous)
+        missing = [name for name in CORE_NODES if name not in comfy_nodes.NODE_CLASS_MAPPINGS]
+        if missing:
+            raise RuntimeError(f"ComfyUI does not register the core node(s) {missing}")
+        info = {}
+        for name in CORE_NODES:
+            cls = comfy_nodes.NODE_CLASS_MAPPINGS[name]
+            if hasattr(cls, "GET_NODE_INFO_V1"):  # a V3 node (comfy_api): the server asks the schema
+                info[name] = cls.GET_NODE_INFO_V1()
+            else:
+                info[name] = _v1_node_info(name, cls, comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS)
+        return info
+
+
 def local_object_info() -> dict:
     """``/object_info`` for the core nodes the examples use and every node of this pack, computed in-process."""
     sys.path.insert(0, str(REPO))
@@ -83,12 +177,7 @@ def local_object_info() -> dict:
             f"generate the examples with ComfyUI {version}: COMFYUI_PATH=../shared/comfyui/{version} "
             f".venvs/comfyui-{version}/bin/python tools/make_example_workflows.py"
         )
-    import nodes as comfy_nodes  # ComfyUI's nodes.py (the harness puts the ComfyUI root first on sys.path)
-
-    info = {}
-    for name in CORE_NODES:
-        cls = comfy_nodes.NODE_CLASS_MAPPINGS[name]
-        info[name] = _v1_node_info(name, cls, comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    info = _core_node_info(find_comfyui())
     extension = asyncio.run(load_pack().comfy_entrypoint())
     for cls in asyncio.run(extension.get_node_list()):
         schema = cls.define_schema()
@@ -153,6 +242,14 @@ class Graph:
                 values.append(widgets.get(f"{name}:control", "fixed"))
         return values
 
+    def _model_file(self, node_type: str, widget: str, values: list) -> dict:
+        """The ``properties.models`` entry of a loader widget: the file, where it goes, where to download it."""
+        name = values[widget_names_of(self.info[node_type]).index(widget)]
+        if name not in MODEL_FILES:
+            raise KeyError(f"{node_type}.{widget} = {name!r}: add the file to MODEL_FILES (folder and download URL)")
+        directory, url = MODEL_FILES[name]
+        return {"name": name, "url": url, "directory": directory}
+
     def add(self, node_type: str, pos, size, widgets: dict | None = None, title: str | None = None,
             color: tuple[str, str] | None = None) -> Node:  # fmt: skip
         node_id = len(self.nodes) + 1
@@ -169,8 +266,9 @@ class Graph:
             ]
             cnr_id = PACK_ID if node_type in PACK_NODES else "comfy-core"
             properties = {"cnr_id": cnr_id, "Node name for S&R": node_type}
-            if node_type == "CheckpointLoaderSimple" and values[0] in MODEL_URLS:
-                properties["models"] = [{"name": values[0], "url": MODEL_URLS[values[0]], "directory": "checkpoints"}]
+            models = [self._model_file(node_type, widget, values) for widget in MODEL_WIDGETS.get(node_type, ())]
+            if models:
+                properties["models"] = models
         node = Node(node_id, node_type, pos, size, values, title, color, properties, outputs=outputs)
         self.nodes.append(node)
         return node
@@ -183,14 +281,19 @@ class Graph:
         out_names = self.info[source.type]["output_name"]
         slot = out_names.index(output) if output in out_names else out_types.index(output)
         link_type = out_types[slot]
-        specs = {name: input_type for name, input_type, _ in ordered_inputs(self.info[target.type])}
+        specs = {name: (input_type, options) for name, input_type, options in ordered_inputs(self.info[target.type])}
         if input_name not in specs:
             raise KeyError(f"{target.type} has no input {input_name!r}; inputs: {sorted(specs)}")
-        if specs[input_name] != link_type and specs[input_name] != "*":
-            raise TypeError(f"{source.type}.{output} ({link_type}) -> {target.type}.{input_name} ({specs[input_name]})")
+        input_type, options = specs[input_name]
+        accepted = "COMBO" if isinstance(input_type, list) else input_type
+        if accepted not in (link_type, "*"):
+            raise TypeError(f"{source.type}.{output} ({link_type}) -> {target.type}.{input_name} ({accepted})")
         link_id = len(self.links) + 1
         target_socket = len(target.inputs)
-        target.inputs.append({"name": input_name, "type": link_type, "link": link_id})
+        socket = {"name": input_name, "type": link_type, "link": link_id}
+        if is_widget(input_type, options):  # a link into a widget: the frontend pairs the socket with its widget
+            socket = {"name": input_name, "type": link_type, "widget": {"name": input_name}, "link": link_id}
+        target.inputs.append(socket)
         source.outputs[slot]["links"].append(link_id)
         self.links.append([link_id, source.id, slot, target.id, target_socket, link_type])
 
@@ -432,7 +535,188 @@ def wf_comparison(info: dict) -> Graph:
     return g
 
 
-WORKFLOWS = (wf_sd15_attention, wf_sd15_encoder, wf_sdxl_encoder, wf_chained, wf_comparison)
+# --- Transformer examples: diffusion model, text encoder(s) and VAE loaded separately, as ComfyUI's own templates do
+
+# The recommended settings for transformers (README): Attention Map Reuse in output mode (no softmax maps to keep),
+# PHAST with half the steps reused; both nodes forecast linearly.
+DIT_ATTENTION: dict = {"strategy": "phast", "reuse_fraction": 0.5, "mode": "output", "forecast": "linear"}
+DIT_ENCODER: dict = {"key_steps": "paper", "forecast": "linear"}
+
+
+def _sampling_output(g: Graph, sampler: Node, vae_loader: Node, x: float, y: float, output: str, widgets: dict,
+                     title: str | None = None) -> Node:  # fmt: skip
+    decode = g.add("VAEDecode", (x, y), (210, 46))
+    g.connect(sampler, "LATENT", decode, "samples")
+    g.connect(vae_loader, "VAE", decode, "vae")
+    image = g.add(output, (x + 240, y), (420, 460), widgets, title=title)
+    g.connect(decode, "IMAGE", image, "images")
+    return image
+
+
+def _ksampler(g: Graph, model: Node, positive: Node, negative: Node, latent: Node, pos, settings: dict) -> Node:
+    ksampler = g.add("KSampler", pos, (320, 262), settings, title="KSampler")
+    g.connect(model, "MODEL", ksampler, "model")
+    g.connect(positive, "CONDITIONING", ksampler, "positive")
+    g.connect(negative, "CONDITIONING", ksampler, "negative")
+    g.connect(latent, "LATENT", ksampler, "latent_image")
+    return ksampler
+
+
+FLUX_SAMPLER = dict(seed=SEED, steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+# Reuse Calibrate fits both schedules for a speed-up rather than a step count, so the workflow keeps working when the
+# step count changes; the reuse costs are those measured on a Flux.1-width transformer (docs/benchmarks.md, GPU
+# check: a decoder-only step 0.36 of a full step, an output-mode attention reuse step 0.75).
+FLUX_CALIBRATION = dict(target_kind="speedup", target=1.15, encoder_reuse_cost=0.36, attention_reuse_cost=0.75,
+                        attention_mode="output", forecast="linear")  # fmt: skip
+
+
+def wf_flux(info: dict) -> Graph:
+    g = Graph("flux_dev_calibrated_reuse", info)
+    unet = g.add("UNETLoader", (20, 60), (320, 82), {"unet_name": FLUX_DIT},
+                 title="Load Diffusion Model (Flux.1 dev)")  # fmt: skip
+    clip = g.add("DualCLIPLoader", (20, 190), (320, 130),
+                 {"clip_name1": CLIP_L, "clip_name2": T5XXL, "type": "flux"})  # fmt: skip
+    vae = g.add("VAELoader", (20, 370), (320, 58), {"vae_name": FLUX_VAE})
+    latent = g.add("EmptySD3LatentImage", (20, 480), (320, 106), {"width": 1024, "height": 1024, "batch_size": 1})
+    prompt = g.add("CLIPTextEncode", (380, 60), (400, 160), {"text": POSITIVE}, title="Prompt", color=POSITIVE_COLOR)
+    guidance = g.add("FluxGuidance", (380, 260), (320, 58), {"guidance": 3.5})
+    negative = g.add("ConditioningZeroOut", (380, 360), (320, 26), title="No negative prompt (cfg 1)")
+    g.connect(clip, "CLIP", prompt, "clip")
+    g.connect(prompt, "CONDITIONING", guidance, "conditioning")
+    g.connect(prompt, "CONDITIONING", negative, "conditioning")
+
+    sampling = {k: v for k, v in FLUX_SAMPLER.items() if k != "denoise"}  # KSampler's inputs but denoise
+    calibrate = g.add("ReuseCalibrate", (820, 60), (360, 430), {**sampling, **FLUX_CALIBRATION},
+                      title="Reuse Calibrate (one full-compute run)", color=PACK_COLOR)  # fmt: skip
+    g.connect(unet, "MODEL", calibrate, "model")
+    g.connect(guidance, "CONDITIONING", calibrate, "positive")
+    g.connect(negative, "CONDITIONING", calibrate, "negative")
+    g.connect(latent, "LATENT", calibrate, "latent_image")
+
+    attention = g.add("AttentionMapReuse", (1220, 60), (380, 330),
+                      {"strategy": "custom", "mode": "output", "forecast": "linear"},
+                      title="Attention Map Reuse (calibrated schedule)", color=PACK_COLOR)  # fmt: skip
+    encoder = g.add("EncoderFeaturePropagation", (1220, 430), (380, 420), DIT_ENCODER,
+                    title="Encoder Feature Propagation", color=PACK_COLOR)  # fmt: skip
+    g.connect(unet, "MODEL", attention, "model")
+    g.connect(calibrate, "schedule", attention, "custom_schedule")
+    g.connect(attention, "MODEL", encoder, "model")
+    g.connect(calibrate, "key_steps", encoder, "custom_key_steps")
+    ksampler = _ksampler(g, encoder, guidance, negative, latent, (1640, 60), FLUX_SAMPLER)
+    _sampling_output(g, ksampler, vae, 1640, 360, "SaveImage", {"filename_prefix": "comfyui-reuse/flux"})
+
+    report = g.add("PreviewAny", (820, 540), (360, 220), title="Calibration report")
+    g.connect(calibrate, "report", report, "source")
+    full = g.add("VAEDecode", (820, 800), (210, 46), title="Decode the calibration run")
+    g.connect(calibrate, "latent", full, "samples")
+    g.connect(vae, "VAE", full, "vae")
+    preview = g.add("PreviewImage", (1060, 800), (420, 460), title="Full compute (the calibration run)")
+    g.connect(full, "IMAGE", preview, "images")
+
+    g.note(
+        "Flux.1 dev with both speed-ups and Reuse Calibrate. Reuse Calibrate samples once at full compute (same "
+        "seed, steps, sampler and scheduler as the KSampler) and fits a schedule for each node to this model and "
+        "prompt: its schedule output drives Attention Map Reuse (strategy = custom), its key_steps output is wired "
+        "into Encoder Feature Propagation's custom_key_steps, used once you set key_steps = custom (here the paper's "
+        "key steps run). Both nodes forecast (forecast = linear: a skipped step gets the extrapolation of the last "
+        "two computed ones), and the calibration is fitted to that forecast. The calibration run's image (full "
+        "compute) and its report show beside the result, so you can compare. Calibrate once per model, sampler, "
+        "step count and prompt: with the seed fixed, ComfyUI reuses its result until one of those changes.\n\n"
+        "Flux.2, Chroma and Qwen-Image: put the same three nodes after their own loaders.\n\n"
+        f"Reuse Calibrate settings:\n{settings_text(info['ReuseCalibrate'], calibrate.widgets_values)}\n\n"
+        f"Attention Map Reuse settings:\n{settings_text(info['AttentionMapReuse'], attention.widgets_values)}\n\n"
+        "Encoder Feature Propagation settings:\n"
+        f"{settings_text(info['EncoderFeaturePropagation'], encoder.widgets_values)}",
+        (20, 640), (760, 620), title="About: Flux with calibrated reuse",
+    )  # fmt: skip
+    g.group("Calibrate once, then sample with the calibrated schedules", [calibrate, attention, encoder])
+    return g
+
+
+ZIMAGE_SAMPLER = dict(seed=SEED, steps=8, cfg=1.0, sampler_name="res_multistep", scheduler="simple", denoise=1.0)
+
+
+def wf_zimage(info: dict) -> Graph:
+    g = Graph("z_image_turbo_encoder_feature_propagation", info)
+    unet = g.add("UNETLoader", (20, 60), (320, 82), {"unet_name": ZIMAGE_DIT},
+                 title="Load Diffusion Model (Z-Image-Turbo)")  # fmt: skip
+    clip = g.add("CLIPLoader", (20, 190), (320, 106), {"clip_name": QWEN3_4B, "type": "lumina2"})
+    vae = g.add("VAELoader", (20, 350), (320, 58), {"vae_name": FLUX_VAE})
+    latent = g.add("EmptySD3LatentImage", (20, 460), (320, 106), {"width": 1024, "height": 1024, "batch_size": 1})
+    shift = g.add("ModelSamplingAuraFlow", (380, 60), (320, 58), {"shift": 3.0})
+    prompt = g.add("CLIPTextEncode", (380, 160), (400, 160), {"text": POSITIVE}, title="Prompt", color=POSITIVE_COLOR)
+    negative = g.add("ConditioningZeroOut", (380, 360), (320, 26), title="No negative prompt (cfg 1)")
+    g.connect(unet, "MODEL", shift, "model")
+    g.connect(clip, "CLIP", prompt, "clip")
+    g.connect(prompt, "CONDITIONING", negative, "conditioning")
+    encoder = g.add("EncoderFeaturePropagation", (820, 60), (380, 420), DIT_ENCODER,
+                    title="Encoder Feature Propagation", color=PACK_COLOR)  # fmt: skip
+    g.connect(shift, "MODEL", encoder, "model")
+    ksampler = _ksampler(g, encoder, prompt, negative, latent, (1240, 60), ZIMAGE_SAMPLER)
+    _sampling_output(g, ksampler, vae, 1240, 360, "SaveImage", {"filename_prefix": "comfyui-reuse/z_image"})
+    pack_note(
+        g, encoder,
+        "Z-Image-Turbo (a Lumina 2-style single-stream transformer) with Encoder Feature Propagation: the first "
+        "layers (encoder_fraction) run only on key steps; the other steps run the remaining layers on the encoder's "
+        "features forecast from the last two key steps (forecast = linear). A turbo model samples in 8 steps: the "
+        "paper's key steps keep 0-4 and 6, so 2 of 8 steps skip the encoder. On few-step models running one step "
+        "fewer did as well in our measurements (docs/benchmarks.md, few-step models): the node pays off with more "
+        "steps, e.g. Lumina 2 or the Z-Image base model at 20-50 steps, which take this same graph (Lumina 2: its "
+        "diffusion model, gemma_2_2b_fp16 as text encoder, shift 6, cfg 4).",
+        (820, 520), (380, 560),
+    )  # fmt: skip
+    g.group("Speed-up: patch the model, then sample as usual", [encoder])
+    return g
+
+
+WAN21_SAMPLER = dict(seed=SEED, steps=30, cfg=6.0, sampler_name="uni_pc", scheduler="simple", denoise=1.0)
+WAN_NEGATIVE = "static, blurry, low quality, overexposed, watermark, subtitles, text, deformed, extra limbs"
+
+
+def wf_wan21(info: dict) -> Graph:
+    g = Graph("wan21_text_to_video_both_methods", info)
+    unet = g.add("UNETLoader", (20, 60), (320, 82), {"unet_name": WAN21_DIT},
+                 title="Load Diffusion Model (Wan 2.1 T2V 1.3B)")  # fmt: skip
+    clip = g.add("CLIPLoader", (20, 190), (320, 106), {"clip_name": UMT5_XXL, "type": "wan"})
+    vae = g.add("VAELoader", (20, 350), (320, 58), {"vae_name": WAN21_VAE})
+    video = {"width": 832, "height": 480, "length": 33, "batch_size": 1}
+    latent = g.add("EmptyHunyuanLatentVideo", (20, 460), (320, 130), video, title="Empty video latent")
+    shift = g.add("ModelSamplingSD3", (380, 60), (320, 58), {"shift": 8.0})
+    positive = g.add("CLIPTextEncode", (380, 160), (400, 160),
+                     {"text": "a lighthouse on a rocky coast at sunset, waves crashing, clouds drifting, cinematic"},
+                     title="Positive prompt", color=POSITIVE_COLOR)  # fmt: skip
+    negative = g.add("CLIPTextEncode", (380, 360), (400, 130), {"text": WAN_NEGATIVE}, title="Negative prompt",
+                     color=NEGATIVE_COLOR)  # fmt: skip
+    g.connect(unet, "MODEL", shift, "model")
+    g.connect(clip, "CLIP", positive, "clip")
+    g.connect(clip, "CLIP", negative, "clip")
+    attention = g.add("AttentionMapReuse", (820, 60), (380, 330), DIT_ATTENTION,
+                      title="1. Attention Map Reuse (output mode)", color=PACK_COLOR)  # fmt: skip
+    encoder = g.add("EncoderFeaturePropagation", (820, 430), (380, 420), DIT_ENCODER,
+                    title="2. Encoder Feature Propagation", color=PACK_COLOR)  # fmt: skip
+    g.connect(shift, "MODEL", attention, "model")
+    g.connect(attention, "MODEL", encoder, "model")
+    ksampler = _ksampler(g, encoder, positive, negative, latent, (1240, 60), WAN21_SAMPLER)
+    webp = {"filename_prefix": "comfyui-reuse/wan21", "fps": 16.0, "lossless": False, "quality": 90}
+    _sampling_output(g, ksampler, vae, 1240, 360, "SaveAnimatedWEBP", webp)
+    g.note(
+        "Wan 2.1 text-to-video with both speed-ups. Video transformers attend over every frame's tokens, so "
+        "Attention Map Reuse runs in output mode (it keeps each layer's attention output, never the maps); Encoder "
+        "Feature Propagation runs the first layers only on key steps. Both forecast what they skip from the last two "
+        "computed steps (forecast = linear). With parallel_decoding on, the steps after a "
+        "key step are decoded in one batch: turn it off (or lower max_decoders_per_batch) when memory is tight. "
+        "Wan 2.2 and HunyuanVideo take the same nodes.\n\n"
+        f"Attention Map Reuse settings:\n{settings_text(info['AttentionMapReuse'], attention.widgets_values)}\n\n"
+        "Encoder Feature Propagation settings:\n"
+        f"{settings_text(info['EncoderFeaturePropagation'], encoder.widgets_values)}",
+        (20, 640), (760, 600), title="About: Wan with both methods",
+    )  # fmt: skip
+    g.group("Speed-ups, chained", [attention, encoder])
+    return g
+
+
+WORKFLOWS = (wf_sd15_attention, wf_sd15_encoder, wf_sdxl_encoder, wf_chained, wf_comparison, wf_flux, wf_zimage,
+             wf_wan21)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,6 +784,9 @@ TITLES = {
     "sdxl_encoder_feature_propagation": "SDXL + Encoder Feature Propagation",
     "sd15_both_methods_chained": "SD1.5 + both methods chained",
     "sd15_side_by_side_comparison": "SD1.5: baseline vs. patched, same seed",
+    "flux_dev_calibrated_reuse": "Flux.1 dev + Reuse Calibrate + both methods",
+    "z_image_turbo_encoder_feature_propagation": "Z-Image-Turbo + Encoder Feature Propagation",
+    "wan21_text_to_video_both_methods": "Wan 2.1 text-to-video + both methods",
 }
 
 
@@ -524,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         json_path.write_text(text, encoding="utf-8")
         render_thumbnail(workflow, TITLES[name], args.out / f"{name}.jpg")
-        print(f"wrote {json_path.relative_to(REPO)} (+ .jpg)")
+        shown = json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path
+        print(f"wrote {shown} (+ .jpg)")
     if stale:
         print(f"out of date (run python tools/make_example_workflows.py): {', '.join(stale)}", file=sys.stderr)
         return 1
