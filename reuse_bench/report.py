@@ -125,7 +125,7 @@ def write_json(result: dict, path: Path) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             return "inf" if value > 0 else "-inf"
         if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items() if not k.startswith("_")}
+            return {k: clean(v) for k, v in value.items() if not str(k).startswith("_")}  # int keys: step counts
         if isinstance(value, (list, tuple)):
             return [clean(v) for v in value]
         return value
