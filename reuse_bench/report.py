@@ -108,15 +108,19 @@ def markdown(result: dict) -> str:
 
 
 def forecast_gains(rows: list[dict]) -> list[tuple[str, float, float]]:
-    """(reuse row name, its PSNR, its forecast twin's PSNR) for every forecast row whose reuse twin is in the run."""
-    suffix = ", forecast "
+    """(reuse row name, its PSNR, its forecast twin's PSNR) for every forecast row whose reuse twin is in the run: the
+    row of the same name without the forecast, else without ", no injection" too (the U-Net's calibrated rows: the
+    reuse fit runs with the paper's noise injection, the forecast fit without)."""
     by_name = {(r.get("model"), r["steps"], r["method"]): r for r in rows}
     gains = []
     for r in rows:
-        if suffix in r["method"]:
-            twin = by_name.get((r.get("model"), r["steps"], r["method"].split(suffix)[0]))
-            if twin is not None:
-                gains.append((twin["method"], twin["psnr_mean"], r["psnr_mean"]))
+        if ", forecast " in r["method"]:
+            base = r["method"].split(", forecast ")[0]
+            for name in (base, base.replace(", no injection", "")):
+                twin = by_name.get((r.get("model"), r["steps"], name))
+                if twin is not None:
+                    gains.append((twin["method"], twin["psnr_mean"], r["psnr_mean"]))
+                    break
     return gains
 
 
